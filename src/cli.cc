@@ -67,6 +67,9 @@ pvhost options:
                         hypervisor: the real Xen libraries, or pvhost-xenemu in DIR
                         (default auto: real if /dev/xen/privcmd exists, else emu with
                         $PVHOST_XENEMU_DIR)
+  -peer                 serve as a peer: another pvhost process is this guest's primary
+                        (owns device-model/<domid>/state); this one announces its QMP
+                        socket under device-model/<domid>/peers/<name>
   -D FILE               log to FILE instead of stderr
   --log-level LEVEL     trace, debug, info, warning, error (default info)
   -h, --help            this text
@@ -264,6 +267,9 @@ Result<Options> parse_command_line(std::span<const std::string> argv) {
         if (!val.empty() || k.empty()) return fail(EINVAL, fmt::format("-backends: '{}' is not a backend type name", v));
         o.backends.push_back(k);
       }
+    } else if (opt == "-peer") {
+      PVHOST_TRY(no_value());
+      o.peer = true;
     } else if (opt == "-xen") {
       std::string v = PVHOST_TRY(value());
       if (v == "real") o.xen = XenMode::real;

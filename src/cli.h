@@ -65,6 +65,7 @@ struct Options {
   std::string log_file;                // -D
   std::string log_level = "info";      // --log-level
   std::vector<std::string> backends;   // -backends; empty = every compiled-in type
+  bool peer = false;                   // -peer: another pvhost is this guest's primary
   XenMode xen = XenMode::automatic;    // --xen
   std::string emu_rundir;              // --xen=emu:DIR
   std::vector<std::string> ignored;    // accepted-and-ignored options, for the log

@@ -1,0 +1,23 @@
+// Process-level chores from QEMU's option set: -daemonize (the parent returns once the
+// child is ready), -pidfile, -chroot, -runas.
+#pragma once
+
+#include <string>
+
+#include "src/error.h"
+#include "src/fd.h"
+
+namespace pvhost {
+
+// Forks. In the parent, waits until the child calls notify_ready() (exit 0) or dies
+// (exit 1) and never returns. In the child, returns the write end of the readiness pipe.
+[[nodiscard]] Result<UniqueFd> daemonize();
+// Detaches stdio and tells the waiting parent that we are ready.
+void notify_ready(UniqueFd& ready_pipe);
+[[nodiscard]] Result<void> write_pidfile(const std::string& path);
+// chroot(dir) then chdir("/").
+[[nodiscard]] Result<void> enter_chroot(const std::string& dir);
+// USER or USER:GROUP (names or numbers): setgroups, setgid, setuid.
+[[nodiscard]] Result<void> drop_privileges(const std::string& spec);
+
+}  // namespace pvhost
