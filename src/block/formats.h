@@ -1,0 +1,131 @@
+// Image formats on top of the block driver interface (ARCHITECTURE.md "Block layer"):
+// qcow2 (src/block/qcow2/), VHD (src/block/vhd/), NBD (src/block/nbd/), and the chain
+// opener that follows backing files.
+//
+// Every format driver here is an `Image`: a BlockDriver whose core is synchronous
+// (read_at / write_at / flush_all / discard_at, each taking the image's own mutex, so
+// several IoQueues on several I/O threads may share one image). open_queue() wraps that
+// core in a SyncQueue: an operation runs when it is queued, its completion runs on the
+// queue's loop after submit() (or inside drain()), as the IoQueue contract asks.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "src/block/block_driver.h"
+
+namespace pvhost::block {
+
+// What image_info_json() reports, per QEMU's ImageInfo (qapi/block-core.json).
+struct ImageDetails {
+  std::string format;                  // "qcow2", "vpc", "raw", "nbd"
+  uint64_t virtual_size = 0;
+  std::optional<uint64_t> actual_size; // bytes allocated on the host (st_blocks * 512)
+  std::optional<uint64_t> cluster_size;
+  bool dirty = false;
+  std::string backing_filename;        // as written in the image
+  std::string full_backing_filename;   // resolved
+  std::string backing_format;
+  nlohmann::json format_specific;      // {"type": ..., "data": {...}} or null
+};
+
+class Image : public BlockDriver {
+ public:
+  // Guest bytes [offset, offset + buf.size()), which must lie inside the virtual size.
+  [[nodiscard]] virtual Result<void> read_at(uint64_t offset, std::span<std::byte> buf) = 0;
+  [[nodiscard]] virtual Result<void> write_at(uint64_t offset, std::span<const std::byte> buf) = 0;
+  // Makes every write completed before the call durable (data and metadata).
+  [[nodiscard]] virtual Result<void> flush_all() = 0;
+  // Afterwards [offset, offset + length) reads as zeroes.
+  [[nodiscard]] virtual Result<void> discard_at(uint64_t offset, uint64_t length) = 0;
+  [[nodiscard]] virtual ImageDetails details() const = 0;
+  [[nodiscard]] virtual const Image* backing() const { return nullptr; }
+
+  [[nodiscard]] Result<uint64_t> refresh_size() override { return info().size_bytes; }
+  [[nodiscard]] Result<std::unique_ptr<IoQueue>> open_queue(EventLoop& loop, unsigned depth,
+                                                            std::function<void()> batch_done) override;
+
+ protected:
+  // Checks that [offset, offset + length) lies inside the virtual size, without overflow.
+  [[nodiscard]] Result<void> check_range(uint64_t offset, uint64_t length) const;
+};
+
+// Backing chains: at most this many images below the top one (QEMU has no fixed limit;
+// a bound turns a hostile or looping chain into an error instead of a stack overflow).
+inline constexpr unsigned kMaxBackingDepth = 32;
+
+// State carried down a chain while opening it: depth and the files already open, so a
+// chain that comes back to one of its own files (a -> b -> a) is refused.
+struct ChainGuard {
+  unsigned depth = 0;
+  std::vector<std::pair<dev_t, ino_t>> seen;
+  // Records `fd`'s file; an error if it is already in the chain or the chain is too deep.
+  [[nodiscard]] Result<void> enter(int fd, const std::string& path);
+};
+
+// "qcow2", "vpc" (also "vhd"), "raw", or "" to probe by content.
+[[nodiscard]] Result<std::string> probe_format(const std::string& path);
+
+// Opens an image of any supported format, following its backing chain (backing files are
+// opened read-only, with their recorded backing format or by probing). For "nbd" the
+// path is an NBD spec (nbd:unix:/path[:exportname=NAME], nbd://host[:port]/export).
+[[nodiscard]] Result<std::unique_ptr<Image>> open_any(std::string_view format, const OpenOptions& options);
+// Same, continuing a chain (used by the drivers for their backing files).
+[[nodiscard]] Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format,
+                                                               const OpenOptions& options,
+                                                               ChainGuard& guard);
+
+// A backing file name as recorded in an image, resolved the way QEMU does: absolute names
+// stay, relative ones are relative to the directory of the image that names them.
+[[nodiscard]] std::string resolve_backing_path(const std::string& image_path, const std::string& backing);
+
+// A plain file (or block device) with synchronous I/O: raw images at the bottom of chains.
+[[nodiscard]] Result<std::unique_ptr<Image>> open_raw_image(const OpenOptions& options, ChainGuard& guard);
+
+// QEMU's ImageInfo for query-block's `inserted.image`: filename, format, virtual-size,
+// actual-size, cluster-size, dirty-flag, backing-filename, full-backing-filename,
+// backing-filename-format, backing-image (nested, down the chain), format-specific.
+// For a driver that is not an Image (the io_uring raw driver), what DriverInfo knows.
+[[nodiscard]] nlohmann::json image_info_json(const BlockDriver& driver);
+
+// Byte helpers shared by the format parsers (all on-disk fields here are big-endian,
+// except VHD parent locators, which are UTF-16LE text).
+[[nodiscard]] inline uint16_t load_be16(const std::byte* p) {
+  return static_cast<uint16_t>((std::to_integer<unsigned>(p[0]) << 8) | std::to_integer<unsigned>(p[1]));
+}
+[[nodiscard]] inline uint32_t load_be32(const std::byte* p) {
+  return (uint32_t{load_be16(p)} << 16) | load_be16(p + 2);
+}
+[[nodiscard]] inline uint64_t load_be64(const std::byte* p) {
+  return (uint64_t{load_be32(p)} << 32) | load_be32(p + 4);
+}
+inline void store_be16(std::byte* p, uint16_t v) {
+  p[0] = std::byte(v >> 8);
+  p[1] = std::byte(v & 0xff);
+}
+inline void store_be32(std::byte* p, uint32_t v) {
+  store_be16(p, static_cast<uint16_t>(v >> 16));
+  store_be16(p + 2, static_cast<uint16_t>(v & 0xffff));
+}
+inline void store_be64(std::byte* p, uint64_t v) {
+  store_be32(p, static_cast<uint32_t>(v >> 32));
+  store_be32(p + 4, static_cast<uint32_t>(v & 0xffffffffu));
+}
+
+// pread/pwrite of everything, retrying EINTR and short transfers. read_full returns the
+// number of bytes read (less than asked only at end of file).
+[[nodiscard]] Result<size_t> read_full(int fd, uint64_t offset, std::span<std::byte> buf);
+[[nodiscard]] Result<void> write_full(int fd, uint64_t offset, std::span<const std::byte> buf);
+
+}  // namespace pvhost::block

@@ -1,0 +1,634 @@
+#include "src/block/qcow2/qcow2_image.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <unordered_map>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "src/block/qcow2/qcow2_format.h"
+#include "src/fd.h"
+#include "src/log.h"
+
+// Crash-safe ordering
+// ===================
+// qcow2.txt requires that a reference to a cluster is never on disk while the cluster's
+// refcount on disk is lower than the references to it (a crash would then let the cluster
+// be handed out twice: corruption). The reverse (a refcount higher than the references)
+// is a leak, which `qemu-img check` reports and repairs harmlessly. So:
+//
+//   write(guest cluster not yet allocated):
+//     1. pick a free cluster (refcount 0 in the refcount cache) and increment its refcount
+//        in the cache (the refcount block becomes dirty; a missing refcount block is
+//        created in the cache, placed inside the range it describes and counting itself);
+//     2. write the guest data (a whole cluster: the partial rest copied from the backing
+//        file, the zero cluster or the old compressed/shared cluster) to the new cluster;
+//     3. set the L2 entry in the L2 cache (dirty; a missing L2 table is allocated as in 1
+//        and its L1 entry changed in memory, dirty).
+//   Nothing metadata reaches the disk before flush; a write is acknowledged after 2.
+//
+//   flush (flush_all, and whenever the caches hold too many dirty tables):
+//     a. write the dirty refcount blocks;                          fdatasync (also data)
+//     b. write the dirty refcount-table entries (new blocks);      fdatasync
+//     c. write the dirty L2 tables;                                fdatasync
+//     d. write the dirty L1 entries (new L2 tables);               fdatasync
+//     e. apply the deferred refcount decrements (clusters that discard, or a rewrite of a
+//        compressed/zero/shared cluster, stopped referencing) and write those blocks;
+//        fdatasync.
+//   Each step only makes pointers to things the previous steps put on disk: refcounts
+//   before the refcount table points at their blocks, data and refcounts before L2
+//   entries, L2 tables before the L1 entries, and references removed before their
+//   refcounts drop (a freed cluster is reused only after e, so it is never referenced
+//   twice). A crash between any two writes leaves, at worst, leaked clusters; every
+//   write acknowledged before a completed flush is on disk with its metadata.
+//   In-place writes to an allocated cluster (L2 entry with OFLAG_COPIED) change no
+//   metadata; the flush's fdatasync makes them durable.
+
+namespace pvhost::block {
+namespace {
+
+using qcow2::ClusterMapping;
+using qcow2::Header;
+
+constexpr size_t kL2CacheTables = 64;
+constexpr size_t kRefblockCacheTables = 16;
+
+// Cluster-sized metadata tables (L2 tables, refcount blocks), kept by host offset.
+// Dirty tables stay until written back; clean ones are evicted least recently used.
+class TableCache {
+ public:
+  struct Table {
+    std::vector<std::byte> data;
+    bool dirty = false;
+    uint64_t used = 0;
+  };
+  explicit TableCache(size_t capacity) : capacity_(capacity) {}
+
+  Table* find(uint64_t off) {
+    auto it = map_.find(off);
+    if (it == map_.end()) return nullptr;
+    it->second.used = ++clock_;
+    return &it->second;
+  }
+  // Inserts a table; evicts clean tables beyond capacity (never dirty ones, never `off`).
+  Table& insert(uint64_t off, std::vector<std::byte> data, bool dirty) {
+    while (map_.size() >= capacity_) {
+      auto victim = map_.end();
+      for (auto it = map_.begin(); it != map_.end(); ++it) {
+        if (!it->second.dirty && (victim == map_.end() || it->second.used < victim->second.used)) victim = it;
+      }
+      if (victim == map_.end()) break;  // all dirty: over capacity until the next writeback
+      map_.erase(victim);
+    }
+    Table& t = map_[off];
+    t.data = std::move(data);
+    t.dirty = dirty;
+    t.used = ++clock_;
+    return t;
+  }
+  [[nodiscard]] size_t dirty_count() const {
+    return static_cast<size_t>(std::count_if(map_.begin(), map_.end(), [](const auto& e) { return e.second.dirty; }));
+  }
+  [[nodiscard]] bool over_capacity() const { return map_.size() > capacity_; }
+  // Dirty tables in offset order.
+  std::vector<std::pair<uint64_t, Table*>> dirty_tables() {
+    std::vector<std::pair<uint64_t, Table*>> out;
+    for (auto& [off, t] : map_) {
+      if (t.dirty) out.emplace_back(off, &t);
+    }
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    return out;
+  }
+
+ private:
+  size_t capacity_;
+  uint64_t clock_ = 0;
+  std::unordered_map<uint64_t, Table> map_;
+};
+
+class Qcow2Image final : public Image {
+ public:
+  Qcow2Image(std::string path, UniqueFd fd, Header h, uint64_t file_size, bool read_only)
+      : path_(std::move(path)), fd_(std::move(fd)), h_(std::move(h)), cs_(h_.cluster_size()),
+        file_size_(file_size), read_only_(read_only), l2_cache_(kL2CacheTables), rb_cache_(kRefblockCacheTables) {
+    info_.format = "qcow2";
+    info_.size_bytes = h_.size;
+    info_.read_only = read_only;
+    info_.discard = !read_only;
+    info_.discard_granularity = static_cast<uint32_t>(std::min<uint64_t>(cs_, 1u << 20));
+  }
+
+  ~Qcow2Image() override {
+    if (!read_only_) {
+      std::lock_guard lock(mu_);
+      if (auto r = writeback(); !r) log::error("{}: writing qcow2 metadata back on close: {}", path_, r.error().describe());
+    }
+  }
+
+  Result<void> load_tables(ChainGuard& guard) {
+    l1_.resize(h_.l1_size);
+    if (h_.l1_size > 0) {
+      std::vector<std::byte> buf(h_.l1_bytes());
+      PVHOST_TRY_CTX(read_exact(h_.l1_table_offset, buf), "reading the L1 table");
+      for (size_t i = 0; i < l1_.size(); ++i) {
+        l1_[i] = load_be64(buf.data() + i * 8);
+        const uint64_t l2 = l1_[i] & qcow2::kL1OffsetMask;
+        if (l2 != 0) PVHOST_TRY_CTX(check_metadata(l2, fmt::format("L2 table of L1 entry {}", i)), "L1 table");
+      }
+    }
+    rt_.resize(h_.refcount_table_bytes() / 8);
+    {
+      std::vector<std::byte> buf(h_.refcount_table_bytes());
+      PVHOST_TRY_CTX(read_exact(h_.refcount_table_offset, buf), "reading the refcount table");
+      for (size_t i = 0; i < rt_.size(); ++i) {
+        rt_[i] = load_be64(buf.data() + i * 8);
+        const uint64_t rb = rt_[i] & qcow2::kRefTableOffsetMask;
+        if (rb != 0) PVHOST_TRY_CTX(check_metadata(rb, fmt::format("refcount block {}", i)), "refcount table");
+      }
+    }
+    if (!h_.backing_file.empty()) {
+      OpenOptions bo;
+      bo.path = resolve_backing_path(path_, h_.backing_file);
+      bo.read_only = ReadOnly::yes;
+      backing_ = PVHOST_TRY_CTX(open_any_in_chain(h_.backing_format, bo, guard),
+                                fmt::format("opening backing file {}", bo.path));
+    }
+    return {};
+  }
+
+  [[nodiscard]] DriverInfo info() const override { return info_; }
+  [[nodiscard]] const std::string& path() const override { return path_; }
+  [[nodiscard]] const Image* backing() const override { return backing_.get(); }
+
+  [[nodiscard]] ImageDetails details() const override {
+    ImageDetails d;
+    d.format = "qcow2";
+    d.virtual_size = h_.size;
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
+    d.cluster_size = cs_;
+    d.dirty = false;
+    d.backing_filename = h_.backing_file;
+    if (!h_.backing_file.empty()) d.full_backing_filename = resolve_backing_path(path_, h_.backing_file);
+    d.backing_format = h_.backing_format;
+    nlohmann::json data = {{"compat", h_.version == 3 ? "1.1" : "0.10"}, {"refcount-bits", h_.refcount_bits()}};
+    if (h_.version == 3) {
+      data["lazy-refcounts"] = (h_.compatible_features & qcow2::kCompatLazyRefcounts) != 0;
+      data["corrupt"] = false;
+      data["extended-l2"] = false;
+      data["compression-type"] = "zlib";
+    }
+    d.format_specific = {{"type", "qcow2"}, {"data", data}};
+    return d;
+  }
+
+  Result<void> read_at(uint64_t offset, std::span<std::byte> buf) override {
+    PVHOST_TRY(check_range(offset, buf.size()));
+    std::lock_guard lock(mu_);
+    while (!buf.empty()) {
+      const uint64_t in = offset & (cs_ - 1);
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), cs_ - in));
+      PVHOST_TRY_CTX(read_cluster_part(offset, buf.first(n)), fmt::format("{}: read at {}", path_, offset));
+      offset += n;
+      buf = buf.subspan(n);
+    }
+    return {};
+  }
+
+  Result<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
+    if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
+    PVHOST_TRY(check_range(offset, buf.size()));
+    std::lock_guard lock(mu_);
+    while (!buf.empty()) {
+      const uint64_t in = offset & (cs_ - 1);
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), cs_ - in));
+      PVHOST_TRY_CTX(write_cluster_part(offset, buf.first(n)), fmt::format("{}: write at {}", path_, offset));
+      offset += n;
+      buf = buf.subspan(n);
+    }
+    return trim_caches();
+  }
+
+  Result<void> discard_at(uint64_t offset, uint64_t length) override {
+    if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
+    PVHOST_TRY(check_range(offset, length));
+    std::lock_guard lock(mu_);
+    while (length > 0) {
+      const uint64_t in = offset & (cs_ - 1);
+      const uint64_t n = std::min<uint64_t>(length, cs_ - in);
+      PVHOST_TRY_CTX(discard_cluster_part(offset, n), fmt::format("{}: discard at {}", path_, offset));
+      offset += n;
+      length -= n;
+    }
+    return trim_caches();
+  }
+
+  Result<void> flush_all() override {
+    if (read_only_) return {};
+    std::lock_guard lock(mu_);
+    return writeback();
+  }
+
+ private:
+  // ---- raw file access ----
+  Result<void> read_exact(uint64_t off, std::span<std::byte> buf) {
+    const size_t got = PVHOST_TRY(read_full(fd_.get(), off, buf));
+    if (got != buf.size()) return fail(EIO, fmt::format("short read at {} (file ends early)", off));
+    return {};
+  }
+  Result<void> write_file(uint64_t off, std::span<const std::byte> buf) {
+    PVHOST_TRY(write_full(fd_.get(), off, buf));
+    file_size_ = std::max(file_size_, off + buf.size());
+    return {};
+  }
+  Result<void> sync() {
+    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
+    return {};
+  }
+
+  // A metadata table (L2 table, refcount block) offset read from the image: one aligned
+  // cluster inside the file, clear of the header, the L1 table and the refcount table.
+  Result<void> check_metadata(uint64_t off, const std::string& what) const {
+    if (off % cs_ != 0) return fail(EINVAL, fmt::format("{} at {:#x} is not cluster aligned", what, off));
+    if (off > file_size_ || cs_ > file_size_ - off)
+      return fail(EINVAL, fmt::format("{} at {:#x} is past the end of the file", what, off));
+    return check_clear_of_fixed_metadata(off, what);
+  }
+  Result<void> check_clear_of_fixed_metadata(uint64_t off, const std::string& what) const {
+    auto overlaps = [&](uint64_t start, uint64_t len) { return len != 0 && off < start + len && start < off + cs_; };
+    if (off < cs_) return fail(EINVAL, fmt::format("{} at {:#x} overlaps the header", what, off));
+    if (overlaps(h_.l1_table_offset, h_.l1_bytes()))
+      return fail(EINVAL, fmt::format("{} at {:#x} overlaps the L1 table", what, off));
+    if (overlaps(h_.refcount_table_offset, h_.refcount_table_bytes()))
+      return fail(EINVAL, fmt::format("{} at {:#x} overlaps the refcount table", what, off));
+    return {};
+  }
+
+  // ---- refcounts ----
+  Result<TableCache::Table*> refblock(uint64_t off) {
+    if (auto* t = rb_cache_.find(off)) return t;
+    std::vector<std::byte> data(cs_);
+    PVHOST_TRY_CTX(read_exact(off, data), "reading a refcount block");
+    return &rb_cache_.insert(off, std::move(data), false);
+  }
+
+  Result<uint64_t> refcount(uint64_t cluster) {
+    const uint64_t rt_index = cluster / h_.refblock_entries();
+    if (rt_index >= rt_.size()) return 0;
+    const uint64_t rb = rt_[rt_index] & qcow2::kRefTableOffsetMask;
+    if (rb == 0) return 0;
+    auto* t = PVHOST_TRY(refblock(rb));
+    return qcow2::get_refcount(t->data, h_.refcount_order, cluster % h_.refblock_entries());
+  }
+
+  // Adds `delta` to the cached refcount of `cluster`, creating its refcount block when it
+  // has none (placed inside the range it describes, at a cluster other than `cluster`,
+  // and counting itself).
+  Result<void> add_refcount(uint64_t cluster, int delta) {
+    const uint64_t per_block = h_.refblock_entries();
+    const uint64_t rt_index = cluster / per_block;
+    if (rt_index >= rt_.size())
+      return fail(ENOSPC, "refcount table full (growing it is not implemented); the image cannot grow further");
+    uint64_t rb = rt_[rt_index] & qcow2::kRefTableOffsetMask;
+    if (rb == 0) {
+      if (delta < 0) return fail(EIO, fmt::format("refcount of cluster {} would drop below zero", cluster));
+      const uint64_t first = rt_index * per_block;
+      const uint64_t self = cluster + 1 < first + per_block ? cluster + 1 : cluster - 1;
+      rb = self * cs_;
+      std::vector<std::byte> data(cs_);
+      qcow2::set_refcount(data, h_.refcount_order, self - first, 1);
+      rb_cache_.insert(rb, std::move(data), true);
+      rt_[rt_index] = rb;
+      rt_dirty_.insert(rt_index);
+    }
+    auto* t = PVHOST_TRY(refblock(rb));
+    const uint64_t idx = cluster % per_block;
+    const uint64_t v = qcow2::get_refcount(t->data, h_.refcount_order, idx);
+    uint64_t nv = 0;
+    if (delta > 0) {
+      if (v >= qcow2::max_refcount(h_.refcount_order)) return fail(EOVERFLOW, fmt::format("refcount of cluster {} at its maximum", cluster));
+      nv = v + 1;
+    } else {
+      if (v == 0) return fail(EIO, fmt::format("refcount of cluster {} would drop below zero", cluster));
+      nv = v - 1;
+    }
+    qcow2::set_refcount(t->data, h_.refcount_order, idx, nv);
+    t->dirty = true;
+    return {};
+  }
+
+  // Allocates one cluster (refcount 0 -> 1, in the cache); returns its host offset.
+  Result<uint64_t> alloc_cluster() {
+    const uint64_t limit = (uint64_t{1} << 56) / cs_;
+    for (uint64_t c = std::max<uint64_t>(free_hint_, 1); c < limit; ++c) {
+      if (PVHOST_TRY(refcount(c)) != 0) continue;
+      PVHOST_TRY(add_refcount(c, +1));
+      free_hint_ = c + 1;
+      return c * cs_;
+    }
+    return fail(ENOSPC, "no free cluster");
+  }
+
+  // Host clusters a mapping holds references to (released after the L2 writeback).
+  void release_later(const ClusterMapping& m) {
+    switch (m.kind) {
+      case ClusterMapping::Kind::normal:
+      case ClusterMapping::Kind::zero:
+        if (m.host_offset != 0) pending_free_.push_back(m.host_offset / cs_);
+        break;
+      case ClusterMapping::Kind::compressed: {
+        const uint64_t first = m.host_offset / cs_;
+        const uint64_t last = (m.host_offset + m.compressed_size - 1) / cs_;
+        for (uint64_t c = first; c <= last; ++c) pending_free_.push_back(c);
+        break;
+      }
+      case ClusterMapping::Kind::unallocated:
+        break;
+    }
+  }
+
+  // ---- L2 ----
+  struct L2Slot {
+    TableCache::Table* table = nullptr;  // null: no L2 table (unallocated)
+    uint64_t index = 0;
+  };
+
+  Result<L2Slot> l2_slot(uint64_t guest, bool allocate) {
+    const uint64_t cluster = guest >> h_.cluster_bits;
+    const uint64_t l1_index = cluster / h_.l2_entries();
+    L2Slot s;
+    s.index = cluster % h_.l2_entries();
+    if (l1_index >= l1_.size()) return fail(EINVAL, "offset beyond the L1 table");
+    uint64_t l2 = l1_[l1_index] & qcow2::kL1OffsetMask;
+    if (l2 == 0) {
+      if (!allocate) return s;
+      l2 = PVHOST_TRY(alloc_cluster());
+      s.table = &l2_cache_.insert(l2, std::vector<std::byte>(cs_), true);
+      l1_[l1_index] = l2 | qcow2::kOflagCopied;
+      l1_dirty_.insert(l1_index);
+      return s;
+    }
+    if (allocate && !(l1_[l1_index] & qcow2::kOflagCopied))
+      return fail(ENOTSUP, "L2 table shared with a snapshot (copy-on-write of L2 tables is not implemented)");
+    if (auto* t = l2_cache_.find(l2)) {
+      s.table = t;
+      return s;
+    }
+    PVHOST_TRY(check_metadata(l2, "L2 table"));
+    std::vector<std::byte> data(cs_);
+    PVHOST_TRY_CTX(read_exact(l2, data), "reading an L2 table");
+    s.table = &l2_cache_.insert(l2, std::move(data), false);
+    return s;
+  }
+
+  Result<ClusterMapping> mapping(const L2Slot& s) const {
+    if (s.table == nullptr) return ClusterMapping{};
+    return qcow2::decode_l2_entry(load_be64(s.table->data.data() + s.index * 8), h_.cluster_bits, h_.version);
+  }
+
+  // Reads guest bytes inside one cluster as `m` maps them.
+  Result<void> read_mapped(const ClusterMapping& m, uint64_t guest, std::span<std::byte> out) {
+    const uint64_t in = guest & (cs_ - 1);
+    switch (m.kind) {
+      case ClusterMapping::Kind::unallocated:
+        return read_backing(guest, out);
+      case ClusterMapping::Kind::zero:
+        std::memset(out.data(), 0, out.size());
+        return {};
+      case ClusterMapping::Kind::normal: {
+        PVHOST_TRY(check_clear_of_fixed_metadata(m.host_offset, "data cluster"));
+        const size_t got = PVHOST_TRY(read_full(fd_.get(), m.host_offset + in, out));
+        // A data cluster past the end of the file (preallocation=metadata) reads as zeroes.
+        std::memset(out.data() + got, 0, out.size() - got);
+        return {};
+      }
+      case ClusterMapping::Kind::compressed: {
+        if (m.compressed_size > 2 * cs_ + 512) return fail(EINVAL, "compressed cluster too large");
+        std::vector<std::byte> cbuf(m.compressed_size);
+        const size_t got = PVHOST_TRY(read_full(fd_.get(), m.host_offset, cbuf));
+        if (got == 0) return fail(EIO, fmt::format("compressed cluster at {:#x} past the end of the file", m.host_offset));
+        std::vector<std::byte> plain(cs_);
+        PVHOST_TRY(qcow2::inflate_cluster(std::span(cbuf).first(got), plain));
+        std::memcpy(out.data(), plain.data() + in, out.size());
+        return {};
+      }
+    }
+    return fail(EINVAL, "bad cluster kind");
+  }
+
+  Result<void> read_backing(uint64_t guest, std::span<std::byte> out) {
+    std::memset(out.data(), 0, out.size());
+    if (!backing_) return {};
+    const uint64_t bsize = backing_->info().size_bytes;
+    if (guest >= bsize) return {};
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(out.size(), bsize - guest));
+    return with_context(backing_->read_at(guest, out.first(n)), "reading the backing file");
+  }
+
+  Result<void> read_cluster_part(uint64_t guest, std::span<std::byte> out) {
+    const L2Slot s = PVHOST_TRY(l2_slot(guest, false));
+    const ClusterMapping m = PVHOST_TRY(mapping(s));
+    return read_mapped(m, guest, out);
+  }
+
+  Result<void> write_cluster_part(uint64_t guest, std::span<const std::byte> data) {
+    L2Slot s = PVHOST_TRY(l2_slot(guest, true));
+    const ClusterMapping m = PVHOST_TRY(mapping(s));
+    const uint64_t in = guest & (cs_ - 1);
+    if (m.kind == ClusterMapping::Kind::normal && m.copied) {
+      PVHOST_TRY(check_clear_of_fixed_metadata(m.host_offset, "data cluster"));
+      return write_file(m.host_offset + in, data);
+    }
+    // Copy-on-write into a new cluster (ordering: see the comment block at the top).
+    std::vector<std::byte> buf(cs_);
+    if (data.size() != cs_) PVHOST_TRY(read_mapped(m, guest - in, buf));
+    std::memcpy(buf.data() + in, data.data(), data.size());
+    const uint64_t host = PVHOST_TRY(alloc_cluster());
+    PVHOST_TRY(write_file(host, buf));
+    // alloc_cluster may have evicted tables; look the slot up again (the L2 table is dirty
+    // or was just read, and dirty tables are never evicted).
+    s = PVHOST_TRY(l2_slot(guest, true));
+    store_be64(s.table->data.data() + s.index * 8, host | qcow2::kOflagCopied);
+    s.table->dirty = true;
+    release_later(m);
+    return {};
+  }
+
+  Result<void> discard_cluster_part(uint64_t guest, uint64_t n) {
+    if (n != cs_ || (h_.version < 3 && backing_)) {
+      // A partial cluster, or a v2 image whose unallocated clusters show the backing file:
+      // zeroes are written instead.
+      std::vector<std::byte> zero(static_cast<size_t>(n));
+      return write_cluster_part(guest, zero);
+    }
+    L2Slot s = PVHOST_TRY(l2_slot(guest, false));
+    if (s.table == nullptr) return {};  // already unallocated, and no backing file (v2) or...
+    const ClusterMapping m = PVHOST_TRY(mapping(s));
+    if (s.table->data.size() == cs_ && m.kind == ClusterMapping::Kind::unallocated && !backing_) return {};
+    if (!(l1_[(guest >> h_.cluster_bits) / h_.l2_entries()] & qcow2::kOflagCopied))
+      return fail(ENOTSUP, "L2 table shared with a snapshot");
+    // v3: a zero cluster without allocation (reads as zeroes even over a backing file);
+    // v2 without backing file: unallocated.
+    store_be64(s.table->data.data() + s.index * 8, h_.version >= 3 ? qcow2::kOflagZero : 0);
+    s.table->dirty = true;
+    release_later(m);
+    return {};
+  }
+
+  // Writes metadata back when the caches hold more dirty tables than they should.
+  Result<void> trim_caches() {
+    if (l2_cache_.over_capacity() || rb_cache_.over_capacity() || pending_free_.size() > 4096) return writeback();
+    return {};
+  }
+
+  // The flush sequence a..e of the comment block at the top.
+  Result<void> writeback() {
+    if (broken_) return fail(EIO, fmt::format("{}: an earlier metadata writeback failed", path_));
+    auto r = writeback_steps();
+    if (!r) broken_ = true;  // the on-disk state is still consistent, but stop writing
+    return r;
+  }
+
+  Result<void> writeback_steps() {
+    // a. refcount blocks (increments, new blocks); the sync also covers guest data.
+    PVHOST_TRY(write_dirty(rb_cache_));
+    PVHOST_TRY(sync());
+    // b. refcount table entries pointing at new refcount blocks.
+    if (!rt_dirty_.empty()) {
+      for (uint64_t i : rt_dirty_) {
+        std::byte e[8];
+        store_be64(e, rt_[i]);
+        PVHOST_TRY(write_file(h_.refcount_table_offset + i * 8, e));
+      }
+      rt_dirty_.clear();
+      PVHOST_TRY(sync());
+    }
+    // c. L2 tables.
+    if (PVHOST_TRY(write_dirty(l2_cache_))) PVHOST_TRY(sync());
+    // d. L1 entries pointing at new L2 tables.
+    if (!l1_dirty_.empty()) {
+      for (uint64_t i : l1_dirty_) {
+        std::byte e[8];
+        store_be64(e, l1_[i]);
+        PVHOST_TRY(write_file(h_.l1_table_offset + i * 8, e));
+      }
+      l1_dirty_.clear();
+      PVHOST_TRY(sync());
+    }
+    // e. refcount decrements of clusters no longer referenced on disk.
+    if (!pending_free_.empty()) {
+      std::vector<uint64_t> frees;
+      frees.swap(pending_free_);
+      for (uint64_t c : frees) {
+        PVHOST_TRY(add_refcount(c, -1));
+        free_hint_ = std::min(free_hint_, c);
+      }
+      if (PVHOST_TRY(write_dirty(rb_cache_))) PVHOST_TRY(sync());
+    }
+    return {};
+  }
+
+  Result<bool> write_dirty(TableCache& cache) {
+    auto dirty = cache.dirty_tables();
+    for (auto& [off, t] : dirty) {
+      PVHOST_TRY(write_file(off, t->data));
+      t->dirty = false;
+    }
+    return !dirty.empty();
+  }
+
+  std::string path_;
+  UniqueFd fd_;
+  Header h_;
+  uint64_t cs_;
+  DriverInfo info_;
+  std::unique_ptr<Image> backing_;
+
+  std::mutex mu_;  // guards everything below (metadata and the file's data layout)
+  uint64_t file_size_;
+  bool read_only_;
+  bool broken_ = false;
+  std::vector<uint64_t> l1_;
+  std::set<uint64_t> l1_dirty_;
+  std::vector<uint64_t> rt_;
+  std::set<uint64_t> rt_dirty_;
+  TableCache l2_cache_;
+  TableCache rb_cache_;
+  std::vector<uint64_t> pending_free_;  // clusters whose refcount drops at writeback step e
+  uint64_t free_hint_ = 1;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Image>> open_qcow2_in_chain(const OpenOptions& o, ChainGuard& guard) {
+  const bool ro = o.read_only == ReadOnly::yes;
+  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC));
+  if (!fd) return fail_errno(fmt::format("opening {}", o.path));
+  PVHOST_TRY(guard.enter(fd.get(), o.path));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));
+  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  std::vector<std::byte> head(static_cast<size_t>(std::min<uint64_t>(file_size, 2u << 20)));
+  const size_t got = PVHOST_TRY_CTX(read_full(fd.get(), 0, head), o.path);
+  head.resize(got);
+  Header h = PVHOST_TRY_CTX(qcow2::parse_header(head, file_size), o.path);
+  if (!ro && h.nb_snapshots > 0)
+    return fail(ENOTSUP, fmt::format("{}: writing qcow2 images with internal snapshots is not supported; open read-only", o.path));
+  auto img = std::make_unique<Qcow2Image>(o.path, std::move(fd), std::move(h), file_size, ro);
+  PVHOST_TRY_CTX(img->load_tables(guard), o.path);
+  return std::unique_ptr<Image>(std::move(img));
+}
+
+Result<std::unique_ptr<Image>> open_qcow2(const OpenOptions& o) {
+  ChainGuard guard;
+  return open_qcow2_in_chain(o, guard);
+}
+
+Result<void> create_qcow2(const std::string& path, uint64_t size, const Qcow2CreateOptions& o) {
+  if (o.cluster_size < 512 || o.cluster_size > (2u << 20) || (o.cluster_size & (o.cluster_size - 1)) != 0)
+    return fail(EINVAL, fmt::format("cluster size {} is not a power of two in 512..2M", o.cluster_size));
+  if (o.version != 2 && o.version != 3) return fail(EINVAL, "qcow2 version must be 2 or 3");
+  if (size > qcow2::kMaxVirtualSize) return fail(EFBIG, "size too large");
+  Header h;
+  h.version = o.version;
+  h.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(o.cluster_size));
+  h.size = size;
+  h.refcount_order = 4;
+  h.backing_file = o.backing_file;
+  h.backing_format = o.backing_format;
+  const uint64_t cs = h.cluster_size();
+  const uint64_t l1_covers = cs * h.l2_entries();
+  const uint64_t l1_size = size / l1_covers + (size % l1_covers != 0);
+  if (l1_size * 8 > qcow2::kMaxL1Bytes) return fail(EFBIG, "size too large for this cluster size (L1 table)");
+  h.l1_size = static_cast<uint32_t>(l1_size);
+  const uint64_t l1_clusters = std::max<uint64_t>(1, (l1_size * 8 + cs - 1) / cs);
+  // Layout: header | refcount table | refcount block 0 | L1 table.
+  h.refcount_table_offset = cs;
+  h.refcount_table_clusters = 1;
+  h.l1_table_offset = 3 * cs;
+  const uint64_t clusters = 3 + l1_clusters;
+  if (clusters > h.refblock_entries()) return fail(EFBIG, "size too large for this cluster size (refcounts)");
+  std::vector<std::byte> head = PVHOST_TRY(qcow2::build_header(h));
+
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) return fail_errno(fmt::format("creating {}", path));
+  std::vector<std::byte> rt(cs), rb(cs), l1(l1_clusters * cs);
+  store_be64(rt.data(), 2 * cs);
+  for (uint64_t c = 0; c < clusters; ++c) qcow2::set_refcount(rb, h.refcount_order, c, 1);
+  PVHOST_TRY_CTX(write_full(fd.get(), 0, head), path);
+  PVHOST_TRY_CTX(write_full(fd.get(), cs, rt), path);
+  PVHOST_TRY_CTX(write_full(fd.get(), 2 * cs, rb), path);
+  PVHOST_TRY_CTX(write_full(fd.get(), 3 * cs, l1), path);
+  if (::fsync(fd.get()) < 0) return fail_errno(fmt::format("fsync {}", path));
+  return {};
+}
+
+}  // namespace pvhost::block

@@ -1,0 +1,1 @@
+#include "tests/unit/block_formats/test_util.h"
