@@ -148,8 +148,8 @@ struct DomainMemory {
 };
 
 // Maps guest frames of `mem` at consecutive addresses. In strict mode every page is its own
-// MAP_FIXED mapping inside a reserved PROT_NONE range with a guard page after it, so touching
-// anything not granted faults. Otherwise consecutive frames are served from the premapped RAM
+// MAP_FIXED mapping inside a reserved PROT_NONE range with a guard page before and after it,
+// so touching anything not granted faults. Otherwise consecutive frames are served from the premapped RAM
 // view without any mmap (the returned Mapping is then empty).
 struct PageMapping {
   std::byte* addr = nullptr;
@@ -163,15 +163,15 @@ struct PageMapping {
   bool consecutive = true;
   for (size_t i = 1; i < gfns.size(); ++i) consecutive = consecutive && gfns[i] == gfns[0] + i;
   if (!strict && consecutive) return PageMapping{mem.page(gfns[0]), Mapping()};
-  Mapping res = PVHOST_TRY(Mapping::anonymous((gfns.size() + 1) * kPageSize, PROT_NONE));
+  Mapping res = PVHOST_TRY(Mapping::anonymous((gfns.size() + 2) * kPageSize, PROT_NONE));
   const int prot = write ? PROT_READ | PROT_WRITE : PROT_READ;
   for (size_t i = 0; i < gfns.size(); ++i) {
-    void* want = res.data() + i * kPageSize;
+    void* want = res.data() + (i + 1) * kPageSize;
     void* p = ::mmap(want, kPageSize, prot, MAP_SHARED | MAP_FIXED, mem.ram_fd.get(),
                      static_cast<off_t>(gfns[i] * kPageSize));
     if (p == MAP_FAILED) return fail_errno(fmt::format("mmap gfn {:#x}", gfns[i]));
   }
-  std::byte* addr = res.data();
+  std::byte* addr = res.data() + kPageSize;
   return PageMapping{addr, std::move(res)};
 }
 

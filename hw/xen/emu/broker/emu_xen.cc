@@ -162,6 +162,7 @@ class EmuGrantTables final : public GrantTables, public Unmapper {
 
   Result<void> copy(std::span<GrantCopySegment> segs) override {
     const DomId self = core_.conn().domid();
+    std::shared_ptr<DomainMemory> last;  // batches are usually all one domain's
     for (GrantCopySegment& s : segs) {
       if (!core_.check_allowed(s.domid)) {
         s.status = GNTST_permission_denied;
@@ -171,13 +172,16 @@ class EmuGrantTables final : public GrantTables, public Unmapper {
         s.status = GNTST_bad_copy_arg;
         continue;
       }
-      auto mem = core_.memory(s.domid);
-      if (!mem) {
-        s.status = GNTST_bad_domain;
-        continue;
+      if (!last || last->domid != s.domid) {
+        auto mem = core_.memory(s.domid);
+        if (!mem) {
+          s.status = GNTST_bad_domain;
+          continue;
+        }
+        last = std::move(*mem);
       }
       const bool to_guest = s.direction == GrantCopySegment::Direction::to_guest;
-      auto page = (*mem)->copy_target(s.ref.value(), self, to_guest);
+      auto page = last->copy_target(s.ref.value(), self, to_guest);
       if (!page) {
         s.status = page.error();
         continue;

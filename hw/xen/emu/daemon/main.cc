@@ -178,6 +178,7 @@ int run(int argc, char** argv) {
   auto r = serve(*opts, pipefd[1]);
   if (!r) {
     log::error("pvhost-xenemu: {}", r.error().describe());
+    if (!opts->pidfile.empty()) ::unlink(opts->pidfile.c_str());
     return 1;
   }
   return 0;

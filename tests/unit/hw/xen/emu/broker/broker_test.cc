@@ -325,8 +325,9 @@ TEST_CASE("grants: strict mode faults on a touch outside the granted page", "[xe
   std::memset(pages.data, 0x21, 2 * kPageSize);
   const GrantRef ref = must(g->grant_access(kDom0, pages.gfn, ReadOnly::no));
   const std::string dir = h.broker.dir();
-  auto backend = [&](bool overrun) {
-    return spawn([&, overrun] {
+  enum class Touch { inside, after, before };
+  auto backend = [&](Touch touch) {
+    return spawn([&, touch] {
       auto x = xen::open_emulated_broker_only(dir);
       if (!x) return 10;
       std::vector<GrantRef> refs{ref};
@@ -336,12 +337,14 @@ TEST_CASE("grants: strict mode faults on a touch outside the granted page", "[xe
       if (p[kPageSize - 1] != 0x21) return 12;
       // The default action, not Catch2's or a sanitizer's handler: the parent expects SIGSEGV.
       ::signal(SIGSEGV, SIG_DFL);
-      if (overrun) return static_cast<int>(p[kPageSize]);  // the next guest page: must fault
+      if (touch == Touch::after) return static_cast<int>(p[kPageSize]);  // the next guest page
+      if (touch == Touch::before) return static_cast<int>(*(p - 1));
       return 0;
     });
   };
-  CHECK(wait_child(backend(false)) == 0);
-  CHECK(wait_child(backend(true)) == -SIGSEGV);
+  CHECK(wait_child(backend(Touch::inside)) == 0);
+  CHECK(wait_child(backend(Touch::after)) == -SIGSEGV);
+  CHECK(wait_child(backend(Touch::before)) == -SIGSEGV);
 }
 
 TEST_CASE("grants: a dead backend's mapping is released", "[xenemu]") {
