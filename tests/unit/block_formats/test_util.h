@@ -22,9 +22,11 @@ namespace pvhost::block::test {
 
 struct TempDir {
   std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/pvhost-formats-XXXXXX";
-    const char* p = ::mkdtemp(tmpl);
+  // `base`: /tmp by default; /dev/shm for tests that fdatasync a lot and only need
+  // process-crash (not power-loss) semantics.
+  explicit TempDir(const std::string& base = "/tmp") {
+    std::string tmpl = base + "/pvhost-formats-XXXXXX";
+    const char* p = ::mkdtemp(tmpl.data());
     REQUIRE(p != nullptr);
     path = p;
   }
