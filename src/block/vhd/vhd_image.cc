@@ -1,6 +1,471 @@
 #include "src/block/vhd/vhd_image.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "src/block/vhd/vhd_format.h"
+#include "src/fd.h"
+#include "src/log.h"
+
+// Write ordering (dynamic and differencing disks)
+// ===============================================
+// A new block is placed where the footer is (the end of the file minus 512):
+//   1. the footer is written at the new end of the file first (so a crash at any point
+//      leaves a file that ends in a valid footer; the copy at offset 0 never changes);
+//   2. the block's sector bitmap and data are written;
+//   3. the BAT entry is changed in memory only (dirty).
+// Writes into allocated blocks go in place; in differencing disks the sector bitmap bits
+// of newly written sectors are set in memory only (dirty).
+// flush: fdatasync (data, blocks, footers) -> write dirty bitmaps and BAT sectors ->
+// fdatasync. So a BAT entry or a bitmap bit never reaches the disk before what it points
+// at; a crash loses at most unflushed writes and leaves unreferenced space at the end.
+
 namespace pvhost::block {
-Result<std::unique_ptr<Image>> open_vhd_in_chain(const OpenOptions&, ChainGuard&) { return fail(ENOTSUP, "vhd: todo"); }
-Result<std::unique_ptr<Image>> open_vhd(const OpenOptions& o) { ChainGuard g; return open_vhd_in_chain(o, g); }
-Result<void> create_vhd_differencing(const std::string&, const std::string&) { return fail(ENOTSUP, "todo"); }
+namespace {
+
+using vhd::DynamicHeader;
+using vhd::Footer;
+
+constexpr uint64_t kSector = 512;
+
+class VhdImage final : public Image {
+ public:
+  VhdImage(std::string path, UniqueFd fd, Footer f, uint64_t file_size, bool ro)
+      : path_(std::move(path)), fd_(std::move(fd)), footer_(f), file_size_(file_size), read_only_(ro) {
+    info_.format = "vpc";
+    info_.size_bytes = footer_.virtual_size();
+    info_.read_only = ro;
+    info_.discard = false;
+  }
+  ~VhdImage() override {
+    if (!read_only_) {
+      std::lock_guard lock(mu_);
+      if (auto r = writeback(); !r) log::error("{}: writing VHD metadata back on close: {}", path_, r.error().describe());
+    }
+  }
+
+  Result<void> load(ChainGuard& guard) {
+    if (footer_.disk_type == vhd::kDiskFixed) {
+      if (info_.size_bytes > file_size_ - kSector) return fail(EINVAL, "fixed VHD shorter than its size");
+      return {};
+    }
+    if (footer_.data_offset % kSector != 0 || footer_.data_offset > file_size_ || 1024 > file_size_ - footer_.data_offset)
+      return fail(EINVAL, fmt::format("VHD dynamic header offset {} outside the file", footer_.data_offset));
+    std::vector<std::byte> hb(1024);
+    PVHOST_TRY(read_exact(footer_.data_offset, hb));
+    dyn_ = PVHOST_TRY(vhd::parse_dynamic_header(hb, file_size_, info_.size_bytes));
+    bat_.resize(dyn_.max_table_entries);
+    std::vector<std::byte> bb(bat_.size() * 4);
+    PVHOST_TRY_CTX(read_exact(dyn_.table_offset, bb), "reading the BAT");
+    const uint64_t span = dyn_.bitmap_bytes() + dyn_.block_size;
+    for (size_t i = 0; i < bat_.size(); ++i) {
+      bat_[i] = load_be32(bb.data() + i * 4);
+      if (bat_[i] == vhd::kBatUnused) continue;
+      const uint64_t off = uint64_t{bat_[i]} * kSector;
+      // A block's bitmap must lie inside the file (its data may run into the footer
+      // space of a file whose last block was never fully written: it reads as zeroes).
+      if (off < dyn_.table_offset + bb.size() && off + span > dyn_.table_offset)
+        return fail(EINVAL, fmt::format("VHD BAT entry {} overlaps the BAT", i));
+      if (off < footer_.data_offset + 1024)
+        return fail(EINVAL, fmt::format("VHD BAT entry {} overlaps the headers", i));
+      if (off + dyn_.bitmap_bytes() > file_size_)
+        return fail(EINVAL, fmt::format("VHD BAT entry {} (sector {}) past the end of the file", i, bat_[i]));
+    }
+    if (footer_.disk_type == vhd::kDiskDifferencing) PVHOST_TRY(open_parent(guard));
+    return {};
+  }
+
+  [[nodiscard]] DriverInfo info() const override { return info_; }
+  [[nodiscard]] const std::string& path() const override { return path_; }
+  [[nodiscard]] const Image* backing() const override { return parent_.get(); }
+  [[nodiscard]] ImageDetails details() const override {
+    ImageDetails d;
+    d.format = "vpc";
+    d.virtual_size = info_.size_bytes;
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (footer_.disk_type != vhd::kDiskFixed) d.cluster_size = dyn_.block_size;
+    if (parent_) {
+      d.backing_filename = parent_->path();
+      d.full_backing_filename = parent_->path();
+      d.backing_format = "vpc";
+    }
+    return d;
+  }
+
+  Result<void> read_at(uint64_t offset, std::span<std::byte> buf) override {
+    PVHOST_TRY(check_range(offset, buf.size()));
+    std::lock_guard lock(mu_);
+    return with_context(read_locked(offset, buf), fmt::format("{}: read at {}", path_, offset));
+  }
+
+  Result<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
+    if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
+    PVHOST_TRY(check_range(offset, buf.size()));
+    std::lock_guard lock(mu_);
+    return with_context(write_locked(offset, buf), fmt::format("{}: write at {}", path_, offset));
+  }
+
+  Result<void> discard_at(uint64_t offset, uint64_t length) override {
+    // VHD has no way to give a block back short of rewriting the file; zeroes are written
+    // where the range is not already unallocated-and-zero.
+    if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
+    PVHOST_TRY(check_range(offset, length));
+    std::lock_guard lock(mu_);
+    std::vector<std::byte> zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
+    while (length > 0) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(length, zero.size()));
+      PVHOST_TRY(write_locked(offset, std::span<const std::byte>(zero).first(n)));
+      offset += n;
+      length -= n;
+    }
+    return {};
+  }
+
+  Result<void> flush_all() override {
+    if (read_only_) return {};
+    std::lock_guard lock(mu_);
+    return writeback();
+  }
+
+ private:
+  Result<void> read_exact(uint64_t off, std::span<std::byte> buf) {
+    const size_t got = PVHOST_TRY(read_full(fd_.get(), off, buf));
+    if (got != buf.size()) return fail(EIO, fmt::format("short read at {} (file ends early)", off));
+    return {};
+  }
+  Result<void> write_file(uint64_t off, std::span<const std::byte> buf) {
+    PVHOST_TRY(write_full(fd_.get(), off, buf));
+    file_size_ = std::max(file_size_, off + buf.size());
+    return {};
+  }
+
+  Result<void> open_parent(ChainGuard& guard) {
+    // Parent locators (spec "Parent Locator Entry"): W2ru (relative) first, then W2ku
+    // (absolute), then MacX; finally the parent's unicode name next to this file.
+    std::vector<std::string> candidates;
+    for (uint32_t code : {vhd::kPlatformW2ru, vhd::kPlatformW2ku, vhd::kPlatformMacX}) {
+      for (const auto& l : dyn_.locators) {
+        if (l.platform_code != code || l.data_length == 0) continue;
+        if (l.data_length > 65536 || l.data_offset > file_size_ || l.data_length > file_size_ - l.data_offset)
+          return fail(EINVAL, "VHD parent locator data outside the file");
+        std::vector<std::byte> raw(l.data_length);
+        PVHOST_TRY(read_exact(l.data_offset, raw));
+        std::string p;
+        if (code == vhd::kPlatformMacX) {
+          p.assign(reinterpret_cast<const char*>(raw.data()), raw.size());
+          p = p.substr(0, p.find('\0'));
+          if (p.starts_with("file://")) p = p.substr(7);
+        } else {
+          p = vhd::utf16_to_utf8(raw, false);
+          std::replace(p.begin(), p.end(), '\\', '/');
+          if (p.starts_with("./")) p = p.substr(2);
+          // "C:/dir/x.vhd" cannot be opened here; only its file name next to us can.
+          if (p.size() > 2 && p[1] == ':') p = p.substr(p.rfind('/') + 1);
+        }
+        if (!p.empty()) candidates.push_back(resolve_backing_path(path_, p));
+      }
+    }
+    if (!dyn_.parent_name.empty()) candidates.push_back(resolve_backing_path(path_, dyn_.parent_name));
+    if (candidates.empty()) return fail(EINVAL, "differencing VHD names no parent");
+    std::string tried;
+    for (const auto& c : candidates) {
+      if (::access(c.c_str(), R_OK) != 0) {
+        tried += (tried.empty() ? "" : ", ") + c;
+        continue;
+      }
+      OpenOptions po;
+      po.path = c;
+      po.read_only = ReadOnly::yes;
+      auto parent = PVHOST_TRY_CTX(open_any_in_chain("vpc", po, guard), fmt::format("opening parent {}", c));
+      auto* pv = dynamic_cast<VhdImage*>(parent.get());
+      if (pv == nullptr) return fail(EINVAL, "VHD parent is not a VHD");
+      if (pv->footer_.unique_id != dyn_.parent_unique_id)
+        return fail(EINVAL, fmt::format("VHD parent {} has another unique id than the one recorded (modified or replaced parent)", c));
+      if (pv->info().size_bytes < info_.size_bytes) return fail(EINVAL, fmt::format("VHD parent {} is smaller than the child", c));
+      parent_ = std::move(parent);
+      return {};
+    }
+    return fail(ENOENT, fmt::format("VHD parent not found (tried {})", tried));
+  }
+
+  Result<std::vector<std::byte>*> bitmap(uint64_t block) {
+    auto it = bitmaps_.find(block);
+    if (it != bitmaps_.end()) return &it->second;
+    std::vector<std::byte> bm(dyn_.bitmap_bytes());
+    PVHOST_TRY_CTX(read_exact(uint64_t{bat_[block]} * kSector, bm), "reading a sector bitmap");
+    if (bitmaps_.size() > 256) {
+      for (auto i = bitmaps_.begin(); i != bitmaps_.end();) {
+        i = dirty_bitmaps_.count(i->first) ? std::next(i) : bitmaps_.erase(i);
+      }
+    }
+    return &bitmaps_.emplace(block, std::move(bm)).first->second;
+  }
+  // Spec "Sector bitmap": bit 7 of byte 0 is the first sector of the block.
+  static bool bit(const std::vector<std::byte>& bm, uint64_t s) {
+    return (std::to_integer<unsigned>(bm[s / 8]) >> (7 - s % 8)) & 1;
+  }
+  static void set_bit(std::vector<std::byte>& bm, uint64_t s) {
+    bm[s / 8] |= std::byte(0x80 >> (s % 8));
+  }
+
+  Result<void> read_parent_or_zero(uint64_t offset, std::span<std::byte> out) {
+    if (parent_) return with_context(parent_->read_at(offset, out), "reading the parent");
+    std::memset(out.data(), 0, out.size());
+    return {};
+  }
+
+  Result<void> read_locked(uint64_t offset, std::span<std::byte> buf) {
+    if (footer_.disk_type == vhd::kDiskFixed) {
+      const size_t got = PVHOST_TRY(read_full(fd_.get(), offset, buf));
+      std::memset(buf.data() + got, 0, buf.size() - got);
+      return {};
+    }
+    while (!buf.empty()) {
+      const uint64_t block = offset / dyn_.block_size;
+      const uint64_t in = offset % dyn_.block_size;
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), dyn_.block_size - in));
+      auto part = buf.first(n);
+      if (bat_[block] == vhd::kBatUnused) {
+        PVHOST_TRY(read_parent_or_zero(offset, part));
+      } else if (footer_.disk_type == vhd::kDiskDynamic) {
+        PVHOST_TRY(read_data(block, in, part));
+      } else {
+        // Differencing: per run of sectors with the same bitmap bit.
+        auto* bm = PVHOST_TRY(bitmap(block));
+        size_t done = 0;
+        while (done < n) {
+          const uint64_t s = (in + done) / kSector;
+          const bool mine = bit(*bm, s);
+          size_t run = static_cast<size_t>(std::min<uint64_t>(n - done, (s + 1) * kSector - (in + done)));
+          while (done + run < n && bit(*bm, (in + done + run) / kSector) == mine)
+            run += static_cast<size_t>(std::min<uint64_t>(n - done - run, kSector));
+          auto sub = part.subspan(done, run);
+          if (mine) {
+            PVHOST_TRY(read_data(block, in + done, sub));
+          } else {
+            PVHOST_TRY(read_parent_or_zero(offset + done, sub));
+          }
+          done += run;
+        }
+      }
+      offset += n;
+      buf = buf.subspan(n);
+    }
+    return {};
+  }
+
+  Result<void> read_data(uint64_t block, uint64_t in, std::span<std::byte> out) {
+    const uint64_t off = uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in;
+    const size_t got = PVHOST_TRY(read_full(fd_.get(), off, out));
+    std::memset(out.data() + got, 0, out.size() - got);
+    return {};
+  }
+
+  Result<void> write_locked(uint64_t offset, std::span<const std::byte> buf) {
+    if (footer_.disk_type == vhd::kDiskFixed) return write_full(fd_.get(), offset, buf);
+    // Whole sectors only (bitmaps are per sector): widen with what is there now.
+    const uint64_t start = offset / kSector * kSector;
+    const uint64_t end = (offset + buf.size() + kSector - 1) / kSector * kSector;
+    std::vector<std::byte> widened;
+    if (start != offset || end != offset + buf.size()) {
+      widened.resize(end - start);
+      PVHOST_TRY(read_locked(start, std::span(widened).first(kSector)));
+      PVHOST_TRY(read_locked(end - kSector, std::span(widened).last(kSector)));
+      std::memcpy(widened.data() + (offset - start), buf.data(), buf.size());
+      buf = widened;
+      offset = start;
+    }
+    while (!buf.empty()) {
+      const uint64_t block = offset / dyn_.block_size;
+      const uint64_t in = offset % dyn_.block_size;
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), dyn_.block_size - in));
+      if (bat_[block] == vhd::kBatUnused) PVHOST_TRY(allocate_block(block));
+      const uint64_t off = uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in;
+      PVHOST_TRY(write_file(off, buf.first(n)));
+      if (footer_.disk_type == vhd::kDiskDifferencing) {
+        auto* bm = PVHOST_TRY(bitmap(block));
+        for (uint64_t s = in / kSector; s < (in + n) / kSector; ++s) set_bit(*bm, s);
+        dirty_bitmaps_.insert(block);
+      }
+      offset += n;
+      buf = buf.subspan(n);
+    }
+    return {};
+  }
+
+  // Ordering: see the comment block at the top.
+  Result<void> allocate_block(uint64_t block) {
+    const uint64_t span = dyn_.bitmap_bytes() + dyn_.block_size;
+    // The block goes where the footer is: the end of the file, minus the footer.
+    uint64_t at = file_size_ >= kSector ? (file_size_ - kSector) / kSector * kSector : 0;
+    at = std::max(at, dyn_.table_offset + (uint64_t{dyn_.max_table_entries} * 4 + kSector - 1) / kSector * kSector);
+    if ((at / kSector) >= vhd::kBatUnused) return fail(EFBIG, "VHD file would exceed 2 TiB of sectors");
+    const auto f = vhd::build_footer(footer_);
+    PVHOST_TRY(write_file(at + span, f));
+    std::vector<std::byte> blk(span);
+    if (footer_.disk_type == vhd::kDiskDynamic) {
+      // Dynamic disks: every sector of an allocated block is "in use" (QEMU does the same).
+      std::memset(blk.data(), 0xff, static_cast<size_t>(dyn_.block_size / kSector / 8));
+    }
+    PVHOST_TRY(write_file(at, blk));
+    bat_[block] = static_cast<uint32_t>(at / kSector);
+    dirty_bat_.insert(block);
+    if (footer_.disk_type == vhd::kDiskDifferencing) bitmaps_[block] = std::vector<std::byte>(dyn_.bitmap_bytes());
+    return {};
+  }
+
+  Result<void> writeback() {
+    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
+    if (dirty_bitmaps_.empty() && dirty_bat_.empty()) return {};
+    for (uint64_t b : dirty_bitmaps_) PVHOST_TRY(write_file(uint64_t{bat_[b]} * kSector, bitmaps_[b]));
+    dirty_bitmaps_.clear();
+    std::set<uint64_t> sectors;
+    for (uint64_t b : dirty_bat_) sectors.insert(b * 4 / kSector);
+    for (uint64_t s : sectors) {
+      std::vector<std::byte> sec(kSector);
+      for (uint64_t i = 0; i < kSector / 4; ++i) {
+        const uint64_t e = s * (kSector / 4) + i;
+        store_be32(sec.data() + i * 4, e < bat_.size() ? bat_[e] : vhd::kBatUnused);
+      }
+      const uint64_t off = dyn_.table_offset + s * kSector;
+      const uint64_t len = std::min<uint64_t>(kSector, bat_.size() * 4 - s * kSector);
+      PVHOST_TRY(write_file(off, std::span<const std::byte>(sec).first(len)));
+    }
+    dirty_bat_.clear();
+    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
+    return {};
+  }
+
+  std::string path_;
+  UniqueFd fd_;
+  Footer footer_;
+  DynamicHeader dyn_;
+  DriverInfo info_;
+  std::unique_ptr<Image> parent_;
+  std::mutex mu_;  // guards everything below
+  uint64_t file_size_;
+  bool read_only_;
+  std::vector<uint32_t> bat_;
+  std::set<uint64_t> dirty_bat_;
+  std::map<uint64_t, std::vector<std::byte>> bitmaps_;
+  std::set<uint64_t> dirty_bitmaps_;
+};
+
+Result<Footer> read_footer(int fd, uint64_t file_size, const std::string& path) {
+  if (file_size < 512) return fail(EINVAL, fmt::format("{}: too short for a VHD footer", path));
+  std::byte b[512];
+  PVHOST_TRY(read_full(fd, file_size - 512, b));
+  auto f = vhd::parse_footer(b);
+  if (f) return f;
+  // Dynamic disks keep a copy at offset 0 (spec "Dynamic Disk Header Format"): a file
+  // whose end was lost in a crash is still readable through it.
+  std::byte c[512];
+  PVHOST_TRY(read_full(fd, 0, c));
+  auto copy = vhd::parse_footer(c);
+  if (copy && copy->disk_type != vhd::kDiskFixed) return copy;
+  return std::unexpected(std::move(f).error().add_context(path));
 }
+
+}  // namespace
+
+Result<std::unique_ptr<Image>> open_vhd_in_chain(const OpenOptions& o, ChainGuard& guard) {
+  const bool ro = o.read_only == ReadOnly::yes;
+  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC));
+  if (!fd) return fail_errno(fmt::format("opening {}", o.path));
+  PVHOST_TRY(guard.enter(fd.get(), o.path));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  Footer f = PVHOST_TRY(read_footer(fd.get(), size, o.path));
+  auto img = std::make_unique<VhdImage>(o.path, std::move(fd), f, size, ro);
+  PVHOST_TRY_CTX(img->load(guard), o.path);
+  return std::unique_ptr<Image>(std::move(img));
+}
+
+Result<std::unique_ptr<Image>> open_vhd(const OpenOptions& o) {
+  ChainGuard g;
+  return open_vhd_in_chain(o, g);
+}
+
+Result<void> create_vhd_differencing(const std::string& path, const std::string& parent_path) {
+  // The parent's footer: size, geometry and the unique id the child records.
+  UniqueFd pfd(::open(parent_path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!pfd) return fail_errno(fmt::format("opening {}", parent_path));
+  struct stat pst {};
+  if (::fstat(pfd.get(), &pst) < 0) return fail_errno(fmt::format("fstat {}", parent_path));
+  Footer pf = PVHOST_TRY(read_footer(pfd.get(), static_cast<uint64_t>(pst.st_size), parent_path));
+
+  Footer f = pf;
+  f.disk_type = vhd::kDiskDifferencing;
+  f.data_offset = 512;
+  // Seconds since 2000-01-01 00:00:00 UTC (spec "Time Stamp").
+  f.timestamp = static_cast<uint32_t>(::time(nullptr) - 946684800);
+  std::memcpy(f.creator_app.data(), "pvh ", 4);
+  f.creator_version = 0x00010000;
+  f.creator_os = 0x5769326B;  // "Wi2k", as the spec's example
+  f.saved_state = 0;
+  std::random_device rd;
+  for (auto& b : f.unique_id) b = std::byte(rd() & 0xff);
+  // Keep the parent's size semantics: if it was sized by CHS, so is the child (same CHS).
+
+  DynamicHeader h;
+  h.block_size = 2u << 20;
+  const uint64_t vsize = pf.virtual_size();
+  h.max_table_entries = static_cast<uint32_t>((vsize + h.block_size - 1) / h.block_size);
+  h.table_offset = 512 + 1024;
+  h.parent_unique_id = pf.unique_id;
+  h.parent_timestamp = pf.timestamp;
+  const auto slash = parent_path.rfind('/');
+  const std::string base = slash == std::string::npos ? parent_path : parent_path.substr(slash + 1);
+  h.parent_name = base;
+  const uint64_t bat_bytes = (uint64_t{h.max_table_entries} * 4 + 511) / 512 * 512;
+
+  char real[PATH_MAX];
+  std::string abs = ::realpath(parent_path.c_str(), real) ? std::string(real) : parent_path;
+  std::string w2ku = abs;
+  std::replace(w2ku.begin(), w2ku.end(), '/', '\\');
+  const std::string w2ru = ".\\" + base;
+  const auto ku = vhd::utf8_to_utf16(w2ku, false);
+  const auto ru = vhd::utf8_to_utf16(w2ru, false);
+  uint64_t off = h.table_offset + bat_bytes;
+  auto place = [&](size_t i, uint32_t code, const std::vector<std::byte>& data) {
+    const uint64_t sectors = (data.size() + 511) / 512;
+    h.locators[i] = {code, static_cast<uint32_t>(sectors), static_cast<uint32_t>(data.size()), off};
+    const uint64_t at = off;
+    off += sectors * 512;
+    return at;
+  };
+  const uint64_t ku_at = place(0, vhd::kPlatformW2ku, ku);
+  const uint64_t ru_at = place(1, vhd::kPlatformW2ru, ru);
+
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) return fail_errno(fmt::format("creating {}", path));
+  const auto fb = vhd::build_footer(f);
+  const auto hb = vhd::build_dynamic_header(h);
+  std::vector<std::byte> bat(bat_bytes, std::byte{0xff});
+  PVHOST_TRY(write_full(fd.get(), 0, fb));
+  PVHOST_TRY(write_full(fd.get(), 512, hb));
+  PVHOST_TRY(write_full(fd.get(), h.table_offset, bat));
+  std::vector<std::byte> kus((ku.size() + 511) / 512 * 512), rus((ru.size() + 511) / 512 * 512);
+  std::memcpy(kus.data(), ku.data(), ku.size());
+  std::memcpy(rus.data(), ru.data(), ru.size());
+  PVHOST_TRY(write_full(fd.get(), ku_at, kus));
+  PVHOST_TRY(write_full(fd.get(), ru_at, rus));
+  PVHOST_TRY(write_full(fd.get(), off, fb));
+  if (::fsync(fd.get()) < 0) return fail_errno(fmt::format("fsync {}", path));
+  return {};
+}
+
+}  // namespace pvhost::block
