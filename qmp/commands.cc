@@ -273,7 +273,9 @@ void register_builtin_commands(Server& server, Server::Impl& impl) {
   // qemu_system_shutdown_request with SHUTDOWN_CAUSE_HOST_QMP_QUIT), then exit.
   add({"quit", {}, Returns::empty(), [p, srv](const json&, Responder r) {
          r.ok();
-         p->loop.defer([p, srv] {
+         std::weak_ptr<int> alive = p->alive;  // the server may be gone when this runs
+         p->loop.defer([p, srv, alive] {
+           if (alive.expired()) return;
            srv->emit_event("SHUTDOWN", json{{"guest", false}, {"reason", "host-qmp-quit"}});
            p->flush_all();
            log::info("qmp: quit requested");
