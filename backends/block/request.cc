@@ -119,10 +119,11 @@ Parsed parse_abi(std::span<const std::byte> entry, const Limits& l) {
       req.secure = (d.flag & BLKIF_DISCARD_SECURE) != 0;
       req.nr_sectors = d.nr_sectors;
       if (auto ok = check_start(req, l); !ok) return std::unexpected(ok.error());
-      if (req.sector > l.sectors || d.nr_sectors > l.sectors - req.sector)
+      // (req fields, not the packed x86_32 struct's: no references to misaligned members)
+      if (req.sector > l.sectors || req.nr_sectors > l.sectors - req.sector)
         return invalid(req.id, req.operation, req.op,
-                       fmt::format("discard {}+{} beyond the device's {} sectors", req.sector, d.nr_sectors, l.sectors));
-      if (((d.nr_sectors << kSectorShift) % l.sector_size) != 0)
+                       fmt::format("discard {}+{} beyond the device's {} sectors", req.sector, req.nr_sectors, l.sectors));
+      if (((req.nr_sectors << kSectorShift) % l.sector_size) != 0)
         return invalid(req.id, req.operation, req.op, "discard length not aligned to sector-size");
       return req;
     }
