@@ -173,6 +173,10 @@ Result<void> Image::check_range(uint64_t offset, uint64_t length) const {
 Result<void> ChainGuard::enter(int fd, const std::string& path) {
   struct stat st {};
   if (::fstat(fd, &st) < 0) return fail_errno(fmt::format("fstat {}", path));
+  // Images are files or block devices; a FIFO or a character device named as a backing
+  // file would block or never end.
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+    return fail(EINVAL, fmt::format("{} is neither a file nor a block device", path));
   for (const auto& [dev, ino] : seen) {
     if (dev == st.st_dev && ino == st.st_ino)
       return fail(ELOOP, fmt::format("backing chain loops: {} is already part of it", path));
@@ -219,8 +223,12 @@ std::string resolve_backing_path(const std::string& image_path, const std::strin
 }
 
 Result<std::string> probe_format(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   if (!fd) return fail_errno(fmt::format("opening {}", path));
+  {
+    ChainGuard type_check;  // refuses FIFOs and character devices before reading
+    PVHOST_TRY(type_check.enter(fd.get(), path));
+  }
   std::byte head[512] = {};
   const size_t got = PVHOST_TRY_CTX(read_full(fd.get(), 0, head), path);
   if (got >= 4 && load_be32(head) == 0x514649fb) return std::string("qcow2");
@@ -236,7 +244,7 @@ Result<std::string> probe_format(const std::string& path) {
 
 Result<std::unique_ptr<Image>> open_raw_image(const OpenOptions& o, ChainGuard& guard) {
   const bool ro = o.read_only == ReadOnly::yes;
-  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC));
+  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK));
   if (!fd) return fail_errno(fmt::format("opening {}", o.path));
   PVHOST_TRY(guard.enter(fd.get(), o.path));
   struct stat st {};

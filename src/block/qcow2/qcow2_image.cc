@@ -570,8 +570,9 @@ class Qcow2Image final : public Image {
 
 Result<std::unique_ptr<Image>> open_qcow2_in_chain(const OpenOptions& o, ChainGuard& guard) {
   const bool ro = o.read_only == ReadOnly::yes;
-  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC));
+  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK));
   if (!fd) return fail_errno(fmt::format("opening {}", o.path));
+  // O_NONBLOCK: a FIFO named as an image must not block the open (ChainGuard refuses it).
   PVHOST_TRY(guard.enter(fd.get(), o.path));
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));
@@ -610,23 +611,31 @@ Result<void> create_qcow2(const std::string& path, uint64_t size, const Qcow2Cre
   if (l1_size * 8 > qcow2::kMaxL1Bytes) return fail(EFBIG, "size too large for this cluster size (L1 table)");
   h.l1_size = static_cast<uint32_t>(l1_size);
   const uint64_t l1_clusters = std::max<uint64_t>(1, (l1_size * 8 + cs - 1) / cs);
+  // The refcount table is sized for a fully allocated image (data, L2 tables, refcount
+  // blocks, with slack), because this driver does not grow it (qemu-img does).
+  const uint64_t data_clusters = size / cs + 1;
+  const uint64_t host_clusters = data_clusters + data_clusters / h.l2_entries() + 64 + l1_clusters;
+  const uint64_t blocks = host_clusters / h.refblock_entries() + 2;
+  const uint64_t rt_clusters =
+      std::min<uint64_t>(std::max<uint64_t>(1, (blocks * 8 + cs - 1) / cs), qcow2::kMaxRefTableBytes / cs);
   // Layout: header | refcount table | refcount block 0 | L1 table.
   h.refcount_table_offset = cs;
-  h.refcount_table_clusters = 1;
-  h.l1_table_offset = 3 * cs;
-  const uint64_t clusters = 3 + l1_clusters;
+  h.refcount_table_clusters = static_cast<uint32_t>(rt_clusters);
+  const uint64_t rb_offset = (1 + rt_clusters) * cs;
+  h.l1_table_offset = rb_offset + cs;
+  const uint64_t clusters = 2 + rt_clusters + l1_clusters;
   if (clusters > h.refblock_entries()) return fail(EFBIG, "size too large for this cluster size (refcounts)");
   std::vector<std::byte> head = PVHOST_TRY(qcow2::build_header(h));
 
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
   if (!fd) return fail_errno(fmt::format("creating {}", path));
-  std::vector<std::byte> rt(cs), rb(cs), l1(l1_clusters * cs);
-  store_be64(rt.data(), 2 * cs);
+  std::vector<std::byte> rt(rt_clusters * cs), rb(cs), l1(l1_clusters * cs);
+  store_be64(rt.data(), rb_offset);
   for (uint64_t c = 0; c < clusters; ++c) qcow2::set_refcount(rb, h.refcount_order, c, 1);
   PVHOST_TRY_CTX(write_full(fd.get(), 0, head), path);
   PVHOST_TRY_CTX(write_full(fd.get(), cs, rt), path);
-  PVHOST_TRY_CTX(write_full(fd.get(), 2 * cs, rb), path);
-  PVHOST_TRY_CTX(write_full(fd.get(), 3 * cs, l1), path);
+  PVHOST_TRY_CTX(write_full(fd.get(), rb_offset, rb), path);
+  PVHOST_TRY_CTX(write_full(fd.get(), h.l1_table_offset, l1), path);
   if (::fsync(fd.get()) < 0) return fail_errno(fmt::format("fsync {}", path));
   return {};
 }

@@ -382,8 +382,9 @@ Result<Footer> read_footer(int fd, uint64_t file_size, const std::string& path) 
 
 Result<std::unique_ptr<Image>> open_vhd_in_chain(const OpenOptions& o, ChainGuard& guard) {
   const bool ro = o.read_only == ReadOnly::yes;
-  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC));
+  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK));
   if (!fd) return fail_errno(fmt::format("opening {}", o.path));
+  // O_NONBLOCK: a FIFO named as an image must not block the open (ChainGuard refuses it).
   PVHOST_TRY(guard.enter(fd.get(), o.path));
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));

@@ -205,6 +205,27 @@ TEST_CASE("qcow2: create_qcow2 makes images qemu-img accepts, and snapshot overl
   }
 }
 
+TEST_CASE("qcow2: create_qcow2 sizes the refcount table for a fully allocated image", "[qcow2]") {
+  // 4 KiB clusters, 16-bit refcounts: one refcount block covers 8 MiB of file, one table
+  // cluster 4 GiB; a 20 GiB image needs more than one table cluster.
+  TempDir d;
+  const std::string p = d.file("big.qcow2");
+  REQUIRE(create_qcow2(p, 20ULL << 30, 4096, "", ""));
+  CHECK(peek_be(p, 56, 4) * 4096 / 8 * 8 * kMiB >= (20ULL << 30));
+  CHECK(qemu_img_check("qcow2", p) == 0);
+  std::vector<std::byte> tail = pattern(8192, 3);
+  {
+    auto img = must_open("qcow2", p);
+    REQUIRE(img->write_at((20ULL << 30) - 8192, tail));
+    REQUIRE(img->write_at(0, tail));
+  }
+  CHECK(qemu_img_check("qcow2", p) == 0);
+  auto img = must_open("qcow2", p, ReadOnly::yes);
+  std::vector<std::byte> back(8192);
+  REQUIRE(img->read_at((20ULL << 30) - 8192, back));
+  CHECK(back == tail);
+}
+
 TEST_CASE("qcow2: writes that need new refcount blocks allocate them", "[qcow2]") {
   // 512-byte clusters with 64-bit refcounts: one refcount block covers 64 clusters, so
   // a few hundred KiB of writes need many new blocks.
