@@ -184,7 +184,7 @@ int run(int argc, char** argv) {
     if (auto r = write_pidfile(o.pidfile); !r) return fail_start(r.error());
   }
   log::info("pvhost {} serving dom{} ({} Xen)", PVHOST_VERSION, *o.domid, (*xen)->kind());
-  notify_ready(ready_pipe);
+  notify_ready(ready_pipe, g_log_to_file ? KeepStderr::no : KeepStderr::yes);
 
   auto ran = loop.run();
   (*host)->shutdown();

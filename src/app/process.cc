@@ -34,13 +34,13 @@ Result<UniqueFd> daemonize() {
   return wr;
 }
 
-void notify_ready(UniqueFd& ready_pipe) {
+void notify_ready(UniqueFd& ready_pipe, KeepStderr keep_stderr) {
   if (!ready_pipe) return;
   int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
   if (null >= 0) {
     ::dup2(null, STDIN_FILENO);
     ::dup2(null, STDOUT_FILENO);
-    // stderr stays: it is the log unless -D was given, and libxl redirects it to a file.
+    if (keep_stderr == KeepStderr::no) ::dup2(null, STDERR_FILENO);
     ::close(null);
   }
   const char r = 'R';

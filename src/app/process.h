@@ -12,8 +12,11 @@ namespace pvhost {
 // Forks. In the parent, waits until the child calls notify_ready() (exit 0) or dies
 // (exit 1) and never returns. In the child, returns the write end of the readiness pipe.
 [[nodiscard]] Result<UniqueFd> daemonize();
-// Detaches stdio and tells the waiting parent that we are ready.
-void notify_ready(UniqueFd& ready_pipe);
+// Detaches stdin/stdout (and stderr unless it is still the log) and tells the waiting
+// parent that we are ready. A daemon that kept its caller's stderr pipe open would make
+// `out=$(pvhost -daemonize ...)` wait for it forever.
+enum class KeepStderr { no, yes };
+void notify_ready(UniqueFd& ready_pipe, KeepStderr keep_stderr);
 [[nodiscard]] Result<void> write_pidfile(const std::string& path);
 // chroot(dir) then chdir("/").
 [[nodiscard]] Result<void> enter_chroot(const std::string& dir);

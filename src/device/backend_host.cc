@@ -79,8 +79,10 @@ Result<void> BackendHost::start(bool running) {
   for (const auto& name : opts_.types) {
     const BackendType* type = registry_.find(name);
     const std::string path = fmt::format("/local/domain/{}/backend/{}/{}", self_, name, opts_.guest);
-    // The watch fires once at registration, which does the initial scan.
     type_watches_.push_back(PVHOST_TRY(xs.watch(path, [this, type](std::string_view) { scan(*type); })));
+    // Scan now rather than on the watch's first event, so that "ready" (-daemonize) means
+    // every device already written has been found; the first event rescans harmlessly.
+    scan(*type);
   }
   release_watch_ = PVHOST_TRY(xs.watch("@releaseDomain", [this](std::string_view) { check_domains(); }));
   if (running) PVHOST_TRY(set_running());
@@ -181,7 +183,32 @@ void BackendHost::destroy(const std::string& type, const std::string& devid) {
   std::unique_ptr<XenDevice> dev = std::move(it->second);
   devices_.erase(it);
   dev->stop(/*store_gone=*/false);
+  if (unplug_requested_.erase({type, devid}) != 0) {
+    // We asked for this unplug (QMP device_del), so we finish it as the toolstack would.
+    const DeviceContext& c = dev->context();
+    (void)xen::transact(xen_.store(), [&](xen::Transaction t) -> Result<void> {
+      for (const std::string& p : {c.backend_path, c.frontend_path})
+        if (auto r = xen_.store().rm(t, p); !r && r.error().code() != ENOENT) return r;
+      return {};
+    });
+  }
   log::trace_point("device.destroyed", "type={} devid={}", type, devid);
+  if (on_device_removed) on_device_removed(dev->context());
+}
+
+XenDevice* BackendHost::find(std::string_view type, std::string_view devid) const {
+  auto it = devices_.find({std::string(type), std::string(devid)});
+  return it == devices_.end() ? nullptr : it->second.get();
+}
+
+Result<void> BackendHost::unplug(XenDevice& dev) {
+  const DeviceContext& c = dev.context();
+  unplug_requested_.insert({c.type, c.devid});
+  return xen::transact(xen_.store(), [&](xen::Transaction t) -> Result<void> {
+    PVHOST_TRY(xen_.store().write(t, c.backend_path + "/online", "0"));
+    PVHOST_TRY(xen_.store().write(t, c.backend_path + "/state", "5"));
+    return {};
+  });
 }
 
 void BackendHost::check_domains() {

@@ -47,8 +47,16 @@ class BackendHost {
   [[nodiscard]] DomId guest() const { return opts_.guest; }
   // Every device, for QMP (query-xen-backends, stop/cont, device_del).
   [[nodiscard]] std::vector<XenDevice*> devices() const;
+  // Finds a device by type and devid.
+  [[nodiscard]] XenDevice* find(std::string_view type, std::string_view devid) const;
+  // Unplugs a device the way the toolstack does (online=0, state=Closing); once it is
+  // Closed its backend and frontend directories are removed, as libxl would, and
+  // on_device_removed fires.
+  [[nodiscard]] Result<void> unplug(XenDevice& dev);
   // Fired when the guest domain is gone (the process should exit).
   std::function<void()> on_guest_gone;
+  // Fired after a device has been destroyed (unplugged, removed, or torn down).
+  std::function<void(const DeviceContext&)> on_device_removed;
 
  private:
   BackendHost(xen::Xen& xen, EventLoop& loop, const Registry& registry, BackendHostOptions options)
@@ -72,6 +80,7 @@ class BackendHost {
   // Devices that failed to start, so a rescan does not retry them until they change.
   std::set<std::pair<std::string, std::string>> failed_;
   std::vector<std::string> claimed_;
+  std::set<std::pair<std::string, std::string>> unplug_requested_;
   bool shut_down_ = false;
 };
 
