@@ -60,7 +60,8 @@ Result<void> ConsoleDevice::realize() {
 
   chardev_ = host_.add(
       label_, [this] { return end_ ? end_->filename() : std::string("null"); },
-      [this] { return live_.has_value() && (end_ == nullptr || end_->peer_connected()); });
+      // QEMU's frontend-open: the device side (our guest frontend) has the chardev open.
+      [this] { return live_.has_value(); });
 
   if (primary_) {
     // No xenbus state on the primary console: connect when the domain builder's keys exist.

@@ -125,9 +125,18 @@ ConsoleEnv::ConsoleEnv() {
       }))
     throw std::runtime_error("pvhost-xenemu did not start: " + xenemu_.log());
   xs_ = std::move(xs);
-  auto ts = xenemu::Toolstack::connect(rundir_);
-  if (!ts) throw std::runtime_error("toolstack: " + ts.error().describe());
-  ts_ = std::move(*ts);
+  // The broker socket file exists a moment before it listens: retry.
+  std::optional<Error> last;
+  if (!poll_until([&] {
+        auto ts = xenemu::Toolstack::connect(rundir_);
+        if (!ts) {
+          last = ts.error();
+          return false;
+        }
+        ts_ = std::move(*ts);
+        return true;
+      }))
+    throw std::runtime_error("toolstack: " + (last ? last->describe() : std::string("?")));
   xenemu::DomainConfig cfg;
   cfg.name = "console-guest";
   auto d = xenemu::domain_create(*ts_, *xs_, cfg);

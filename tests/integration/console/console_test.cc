@@ -44,7 +44,8 @@ TEST_CASE("secondary console over a unix socket: byte-exact both ways under wrap
   auto d = env.add_console("1", {{"be.output", "unix:" + sock + ",server"}});
   env.start_pvhost();
   REQUIRE(env.wait_for(d.backend_path + "/state", "2"));
-  auto fe = env.start_consfront({"--devid", "1", "--echo", "--read-delay-ms", "0"});
+  // The guest reads `in` slowly too: host input must wait for room, never be dropped.
+  auto fe = env.start_consfront({"--devid", "1", "--echo", "--read-delay-ms", "1"});
   REQUIRE(env.wait_for(d.backend_path + "/state", "4"));
   UniqueFd c = connect_retry(sock);
   REQUIRE(c);
@@ -92,8 +93,52 @@ TEST_CASE("primary console: the ring is a guest frame, no frontend state; guest 
   auto got = read_bytes(slave.get(), total, 3s);
   INFO(env.logs());
   check_exact(got, 0, total);
-  // Host input reaches the guest too: consfront echoes nothing here, but the ring fills.
+  // Unplug: no frontend state to wait for, so the backend closes at once.
+  CHECK(toolstack::device_del(env.xs(), d));
+  CHECK(env.read(d.backend_path + "/state").empty());
   CHECK(env.pvhost().running());
+}
+
+TEST_CASE("primary console: host input reaches the guest through the frame-mapped ring") {
+  ConsoleEnv env;
+  auto d = env.add_console("0");
+  env.start_pvhost();
+  REQUIRE(env.wait_for(d.backend_path + "/state", "2"));
+  const std::string tty = env.read(d.frontend_path + "/tty");
+  UniqueFd slave(::open(tty.c_str(), O_RDWR | O_NOCTTY | O_CLOEXEC));
+  REQUIRE(slave);
+  auto fe = env.start_consfront({"--primary", "--echo"});
+  REQUIRE(env.wait_for(d.backend_path + "/state", "4"));
+  const size_t total = 64 * 1024;
+  auto got = exchange(slave.get(), 99, total, /*slow=*/false);
+  INFO(env.logs());
+  check_exact(got, 99, total);
+}
+
+TEST_CASE("file output appends exactly; the backend log key keeps timestamped lines") {
+  ConsoleEnv env;
+  const std::string out = env.rundir() + "/out.txt";
+  const std::string log = env.rundir() + "/console.log";
+  auto d = env.add_console("1", {{"be.output", "file:" + out}, {"be.log", log}});
+  env.start_pvhost();
+  REQUIRE(env.wait_for(d.backend_path + "/state", "2"));
+  const size_t total = 50000;
+  auto fe = env.start_consfront({"--devid", "1", "--send", std::to_string(total)});
+  auto size_of = [](const std::string& p) {
+    UniqueFd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
+    return fd ? static_cast<size_t>(::lseek(fd.get(), 0, SEEK_END)) : size_t{0};
+  };
+  REQUIRE(poll_until([&] { return size_of(out) >= total; }));
+  UniqueFd f(::open(out.c_str(), O_RDONLY | O_CLOEXEC));
+  auto got = read_bytes(f.get(), total + 1, 200ms);
+  INFO(env.logs());
+  check_exact(got, 0, total);
+  UniqueFd l(::open(log.c_str(), O_RDONLY | O_CLOEXEC));
+  auto text = read_bytes(l.get(), 1 << 20, 200ms);
+  REQUIRE(text.size() > 26);
+  const std::string head(reinterpret_cast<const char*>(text.data()), 26);
+  CHECK(head.starts_with("[20"));
+  CHECK(head.ends_with("] "));
 }
 
 TEST_CASE("limit: with no host reader, the middle of the output is dropped and the rest kept") {
@@ -124,8 +169,13 @@ TEST_CASE("hostile indices: a producer more than a ring ahead closes the device,
   env.start_pvhost();
   REQUIRE(env.wait_for(d.backend_path + "/state", "2"));
   auto fe = env.start_consfront({"--devid", "1", "--hostile", "out-prod"});
-  REQUIRE(env.wait_for(d.backend_path + "/state", "5"));
+  // Closing, and Closed once consfront answers: either proves the device was closed.
+  const bool closed = poll_until([&] {
+    const std::string st = be(env, d, "state");
+    return st == "5" || st == "6";
+  });
   INFO(env.logs());
+  REQUIRE(closed);
   CHECK(be(env, d, "error").find("out ring") != std::string::npos);
   CHECK(fe.wait(10s) == 0);
   CHECK(env.pvhost().running());
@@ -138,8 +188,13 @@ TEST_CASE("hostile indices: an in consumer ahead of our producer closes the devi
   env.start_pvhost();
   REQUIRE(env.wait_for(d.backend_path + "/state", "2"));
   auto fe = env.start_consfront({"--devid", "1", "--hostile", "in-cons"});
-  REQUIRE(env.wait_for(d.backend_path + "/state", "5"));
+  // Closing, and Closed once consfront answers: either proves the device was closed.
+  const bool closed = poll_until([&] {
+    const std::string st = be(env, d, "state");
+    return st == "5" || st == "6";
+  });
   INFO(env.logs());
+  REQUIRE(closed);
   CHECK(be(env, d, "error").find("in ring") != std::string::npos);
   CHECK(env.pvhost().running());
 }
