@@ -4,6 +4,7 @@
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <set>
 
 #include "tests/unit/hw/xen/emu/xenstored/xs_test_util.h"
@@ -198,10 +199,17 @@ TEST_CASE("watch: fires with the changed path for the node and its descendants")
 TEST_CASE("watch: xenstore-watch reports a change made by xenstore-write") {
   Server s;
   ToolResult r;
-  std::thread watcher([&] { r = tool(s.socket(), {"xenstore-watch", "-n", "2", "/w"}); });
-  // Give the watcher time to register, then change the node.
-  std::this_thread::sleep_for(500ms);
-  CHECK(tool(s.socket(), {"xenstore-write", "/w/k", "v"}).status == 0);
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    r = tool(s.socket(), {"xenstore-watch", "-n", "2", "/w"});
+    done = true;
+  });
+  // The watcher registers at some point; every write after that fires, and it exits after
+  // its initial event plus one change. Keep writing until it has seen one.
+  for (int i = 0; i < 100 && !done; ++i) {
+    CHECK(tool(s.socket(), {"xenstore-write", "/w/k", "v"}).status == 0);
+    std::this_thread::sleep_for(100ms);
+  }
   watcher.join();
   CHECK(r.status == 0);
   CHECK(r.out == "/w\n/w/k\n");
