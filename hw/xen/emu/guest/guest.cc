@@ -196,6 +196,8 @@ Result<uint64_t> Guest::io(bool mmio, uint64_t addr, unsigned size, bool read, u
     v->send = std::move(r.fds[2]);
     it = ioreq_.emplace(key, std::move(v)).first;
   }
+  // hvm/ioreq.h layout: the state/flags bitfield byte sits between _pad0 and type.
+  static_assert(sizeof(ioreq_t) == 32 && offsetof(ioreq_t, _pad0) == 28 && offsetof(ioreq_t, type) == 31);
   IoreqServerView& view = *it->second;
   auto* slot = reinterpret_cast<ioreq_t*>(static_cast<void*>(view.page.data()));  // vcpu_ioreq[0]
   // The state/flags byte follows _pad0 (hvm/ioreq.h): state:4, data_is_ptr:1, dir:1, df:1.
