@@ -603,7 +603,11 @@ Result<std::unique_ptr<Server>> Server::create(EventLoop& loop, ServerInfo info,
   std::unique_ptr<Server> server(new Server(std::move(impl)));
   Impl* raw = server->impl_.get();
   Server* srv = server.get();
-  raw->run_state.set_event_sink([srv](std::string_view ev) { srv->emit_event(ev); });
+  // A transition may complete after the server is gone (a hook finishing late).
+  std::weak_ptr<int> alive = raw->alive;
+  raw->run_state.set_event_sink([srv, alive](std::string_view ev) {
+    if (!alive.expired()) srv->emit_event(ev);
+  });
   register_builtin_commands(*server, *raw);
   return server;
 }

@@ -20,6 +20,9 @@ using nlohmann::json;
 namespace qmp = pvhost::qmp;
 
 struct World {
+  World() {
+    server->set_shutdown_handler([](std::string_view) {});  // "quit" via HMP must not end anything
+  }
   std::unique_ptr<pvhost::EventLoop> loop = std::move(*pvhost::EventLoop::create("fuzz"));
   std::unique_ptr<qmp::Server> server = std::move(*qmp::Server::create(*loop, qmp::ServerInfo{}));
 };
@@ -69,5 +72,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   };
   framer.feed(in.substr(0, cut), sink);
   framer.feed(in.substr(cut), sink);
+  (void)world().loop->run_once(std::chrono::milliseconds(0));  // deferred work (quit's SHUTDOWN)
   return 0;
 }

@@ -314,3 +314,21 @@ TEST_CASE("a stale socket file is replaced at start") {
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }
+
+TEST_CASE("a quiesce hook finishing after the server is destroyed is harmless") {
+  Fixture f;
+  std::function<void()> pending;
+  qmp::Registration hook =
+      f.server->run_state().add_quiesce_hook([&](std::function<void()> done) { pending = std::move(done); });
+  {
+    Client c(f);
+    c.negotiate();
+    c.send(R"({"execute": "stop", "id": 1})");
+    REQUIRE(f.spin_until([&] { return static_cast<bool>(pending); }));
+  }
+  f.server.reset();
+  pending();  // completes the transition: no event, no reply, no access to the server
+  f.spin(5ms);
+  hook.reset();
+  CHECK(!f.server);
+}
