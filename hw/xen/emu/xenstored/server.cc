@@ -413,7 +413,7 @@ void Server::do_transaction_start(Connection& c, const Request& r) {
   const Caller caller = caller_for(c);
   if (!caller.privileged() && c.transactions_.size() >= quotas_.max_transactions_per_connection)
     return reply_error(c, r.req_id, r.tx_id, ENOSPC);
-  auto tx = store_.begin(caller);
+  auto tx = store_.begin();
   if (!tx) return reply_error(c, r.req_id, r.tx_id, tx.error());
   // Pick an unused identifier; 0 means "no transaction" and is never handed out.
   uint32_t id = c.next_tx_id_;

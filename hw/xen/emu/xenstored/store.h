@@ -136,16 +136,16 @@ class Store {
   // Transactions (transaction.c): reads copy the node into the transaction and remember
   // its generation; commit fails with EAGAIN when any accessed node changed globally
   // since; writes become visible, and their watch events fire, only at commit.
-  [[nodiscard]] XsResult<std::unique_ptr<Transaction>> begin(const Caller& c);
+  [[nodiscard]] XsResult<std::unique_ptr<Transaction>> begin();
   [[nodiscard]] XsResult<void> commit(const Caller& c, std::unique_ptr<Transaction> tx);
 
   // Domain release (destroy_domain()): removes every node owned by `domid` with its
   // subtree, firing watches as a privileged rm would.
   void remove_domain_nodes(DomId domid);
 
-  // CONTROL check: structural consistency. Empty when consistent, otherwise a description.
+  // CONTROL check: structural consistency (every node listed by its parent, every child
+  // present, node accounting matches ownership). Empty when consistent, else what is wrong.
   [[nodiscard]] std::string check() const;
-  // Text dump (xenstore-ls style), for CONTROL print/debugging.
   [[nodiscard]] size_t node_count() const { return nodes_.size(); }
   [[nodiscard]] size_t nodes_owned_by(DomId domid) const;
   [[nodiscard]] const XenstoredQuotas& quotas() const { return quotas_; }

@@ -160,7 +160,7 @@ TEST_CASE("store: a domain's new node inherits the parent's perms with the domai
 
 TEST_CASE("store: a transaction sees its own writes and commits them atomically") {
   Store s(XenstoredQuotas{});
-  auto tx = *s.begin(kDom0Caller);
+  auto tx = *s.begin();
   REQUIRE(s.write(kDom0Caller, tx.get(), "/t/a", "1"));
   CHECK(s.read(kDom0Caller, tx.get(), "/t/a").value() == "1");
   CHECK(s.read(kDom0Caller, nullptr, "/t/a").error() == ENOENT);
@@ -172,7 +172,7 @@ TEST_CASE("store: a transaction sees its own writes and commits them atomically"
 TEST_CASE("store: a commit after an intervening change to a node read gets EAGAIN") {
   Store s(XenstoredQuotas{});
   REQUIRE(s.write(kDom0Caller, nullptr, "/c", "0"));
-  auto tx = *s.begin(kDom0Caller);
+  auto tx = *s.begin();
   REQUIRE(s.read(kDom0Caller, tx.get(), "/c"));
   REQUIRE(s.write(kDom0Caller, nullptr, "/c", "1"));
   REQUIRE(s.write(kDom0Caller, tx.get(), "/d", "x"));
