@@ -330,6 +330,8 @@ class Qcow2Image final : public Image {
     const uint64_t limit = (uint64_t{1} << 56) / cs_;
     for (uint64_t c = std::max<uint64_t>(free_hint_, 1); c < limit; ++c) {
       if (PVHOST_TRY(refcount(c)) != 0) continue;
+      // A hostile image may give its own tables refcount 0; never hand those out.
+      if (!check_clear_of_fixed_metadata(c * cs_, "free cluster")) continue;
       PVHOST_TRY(add_refcount(c, +1));
       free_hint_ = c + 1;
       return c * cs_;
@@ -470,9 +472,12 @@ class Qcow2Image final : public Image {
       return write_cluster_part(guest, zero);
     }
     L2Slot s = PVHOST_TRY(l2_slot(guest, false));
-    if (s.table == nullptr) return {};  // already unallocated, and no backing file (v2) or...
+    if (s.table == nullptr) {
+      if (!backing_) return {};  // unallocated without a backing file reads as zeroes
+      s = PVHOST_TRY(l2_slot(guest, true));  // v3: a zero flag hides the backing file
+    }
     const ClusterMapping m = PVHOST_TRY(mapping(s));
-    if (s.table->data.size() == cs_ && m.kind == ClusterMapping::Kind::unallocated && !backing_) return {};
+    if (m.kind == ClusterMapping::Kind::unallocated && !backing_) return {};
     if (!(l1_[(guest >> h_.cluster_bits) / h_.l2_entries()] & qcow2::kOflagCopied))
       return fail(ENOTSUP, "L2 table shared with a snapshot");
     // v3: a zero cluster without allocation (reads as zeroes even over a backing file);

@@ -125,7 +125,17 @@ class VhdImage final : public Image {
     std::lock_guard lock(mu_);
     std::vector<std::byte> zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
     while (length > 0) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(length, zero.size()));
+      size_t n = static_cast<size_t>(std::min<uint64_t>(length, zero.size()));
+      if (footer_.disk_type == vhd::kDiskDynamic) {
+        // Unallocated blocks of a dynamic disk already read as zeroes: leave them so.
+        const uint64_t block = offset / dyn_.block_size;
+        n = static_cast<size_t>(std::min<uint64_t>(n, dyn_.block_size - offset % dyn_.block_size));
+        if (bat_[block] == vhd::kBatUnused) {
+          offset += n;
+          length -= n;
+          continue;
+        }
+      }
       PVHOST_TRY(write_locked(offset, std::span<const std::byte>(zero).first(n)));
       offset += n;
       length -= n;
