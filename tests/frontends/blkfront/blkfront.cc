@@ -16,10 +16,19 @@
 //     --image PATH        after the workload, compare the image file with what was written
 //     --extras            also exercise FLUSH, WRITE_BARRIER (with and without data), DISCARD
 //     --hostile KIND      one hostile scenario (see hostile()); prints the statuses seen
+//   Floors for scripts/bench-block (no Xen involved):
+//     --floor-direct PATH  the same workload (--rw read|write|randread|randwrite, --bs, --qd,
+//                          --seconds) as an io_uring O_DIRECT loop straight on PATH
+//     --floor-notify N     N eventfd round trips between two processes (the emulated event
+//                          channel's mechanism)
 //     --stay              stay connected until the backend closes
 //     --abandon           when the backend starts closing mid-workload, write Closed at once,
 //                         leaving requests in flight (a crashed guest); default: finish them
 #include <fcntl.h>
+#include <liburing.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -72,6 +81,8 @@ struct Args {
   std::string hostile;
   bool stay = false;
   bool abandon = false;
+  std::string floor_direct;
+  uint64_t floor_notify = 0;
   uint32_t seed = 1;
 };
 
@@ -105,12 +116,15 @@ Result<Args> parse(int argc, char** argv) {
       else if (k == "--hostile") a.hostile = PVHOST_TRY(value());
       else if (k == "--stay") a.stay = true;
       else if (k == "--abandon") a.abandon = true;
+      else if (k == "--floor-direct") a.floor_direct = PVHOST_TRY(value());
+      else if (k == "--floor-notify") a.floor_notify = std::stoull(PVHOST_TRY(value()));
       else if (k == "--seed") a.seed = static_cast<uint32_t>(std::stoul(PVHOST_TRY(value())));
       else return fail(EINVAL, "unknown option " + k);
     } catch (const std::exception&) {
       return fail(EINVAL, "bad value for " + k);
     }
   }
+  if (!a.floor_direct.empty() || a.floor_notify != 0) return a;
   if (a.rundir.empty() || a.devid.empty()) return fail(EINVAL, "--rundir, --domid and --devid are required");
   if (a.bs < 512 || a.bs > (1u << 20) || a.bs % 512 != 0) return fail(EINVAL, "--bs must be 512..1048576, a multiple of 512");
   if (a.qd < 1 || a.qd > 128) return fail(EINVAL, "--qd must be 1..128");
@@ -920,6 +934,93 @@ class Frontend {
   std::vector<std::string> unknown_responses_;
 };
 
+// The I/O floor: the workload's shape as io_uring O_DIRECT on the file itself.
+Result<nlohmann::json> floor_direct(const Args& a) {
+  int fd = ::open(a.floor_direct.c_str(), (a.rw.find("write") != std::string::npos ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) return fail_errno("open " + a.floor_direct);
+  const off_t size = ::lseek(fd, 0, SEEK_END);
+  const uint64_t span = a.span != 0 ? std::min<uint64_t>(a.span, static_cast<uint64_t>(size)) : static_cast<uint64_t>(size);
+  const uint64_t nblocks = span / a.bs;
+  io_uring ring{};
+  if (io_uring_queue_init(a.qd * 2, &ring, 0) < 0) return fail(EIO, "io_uring_queue_init");
+  std::vector<void*> bufs(a.qd);
+  for (auto& b : bufs) b = std::aligned_alloc(4096, a.bs);
+  std::mt19937_64 rng(a.seed);
+  const bool write = a.rw.find("write") != std::string::npos;
+  const bool random = a.rw.rfind("rand", 0) == 0;
+  uint64_t seq = 0, done = 0, started = 0;
+  const uint64_t t0 = now_ns();
+  auto more = [&] {
+    if (a.ops != 0 && started >= a.ops) return false;
+    return a.seconds <= 0 || now_ns() - t0 < static_cast<uint64_t>(a.seconds * 1e9);
+  };
+  auto submit_one = [&](size_t i) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+    const uint64_t block = random ? rng() % nblocks : seq++ % nblocks;
+    if (write)
+      io_uring_prep_write(sqe, fd, bufs[i], static_cast<unsigned>(a.bs), block * a.bs);
+    else
+      io_uring_prep_read(sqe, fd, bufs[i], static_cast<unsigned>(a.bs), block * a.bs);
+    io_uring_sqe_set_data64(sqe, i);
+    ++started;
+  };
+  for (size_t i = 0; i < a.qd && more(); ++i) submit_one(i);
+  io_uring_submit(&ring);
+  uint64_t inflight = started, errors = 0;
+  while (inflight > 0) {
+    io_uring_cqe* cqe = nullptr;
+    if (io_uring_wait_cqe(&ring, &cqe) < 0) break;
+    const size_t i = io_uring_cqe_get_data64(cqe);
+    if (cqe->res != static_cast<int>(a.bs)) ++errors;
+    io_uring_cqe_seen(&ring, cqe);
+    --inflight;
+    ++done;
+    if (more()) {
+      submit_one(i);
+      ++inflight;
+      io_uring_submit(&ring);
+    }
+  }
+  const double secs = static_cast<double>(now_ns() - t0) / 1e9;
+  io_uring_queue_exit(&ring);
+  for (auto* b : bufs) std::free(b);
+  ::close(fd);
+  return nlohmann::json{{"floor", "io_uring O_DIRECT"}, {"rw", a.rw}, {"bs", a.bs}, {"qd", a.qd}, {"ops", done},
+                        {"errors", errors}, {"seconds", secs}, {"iops", static_cast<double>(done) / secs},
+                        {"mbps", static_cast<double>(done * a.bs) / secs / 1e6}};
+}
+
+// The notification floor: eventfd ping-pong between two processes, as the emulated event
+// channel delivers notifications.
+Result<nlohmann::json> floor_notify(uint64_t n) {
+  int ping = ::eventfd(0, EFD_CLOEXEC), pong = ::eventfd(0, EFD_CLOEXEC);
+  if (ping < 0 || pong < 0) return fail_errno("eventfd");
+  auto wait_read = [](int fd) {
+    pollfd p{fd, POLLIN, 0};
+    (void)::poll(&p, 1, -1);
+    uint64_t v = 0;
+    return ::read(fd, &v, sizeof v) == sizeof v;
+  };
+  const uint64_t one = 1;
+  pid_t child = ::fork();
+  if (child == 0) {
+    for (uint64_t i = 0; i < n; ++i) {
+      if (!wait_read(ping)) _exit(1);
+      if (::write(pong, &one, sizeof one) != sizeof one) _exit(1);
+    }
+    _exit(0);
+  }
+  const uint64_t t0 = now_ns();
+  for (uint64_t i = 0; i < n; ++i) {
+    if (::write(ping, &one, sizeof one) != sizeof one) return fail_errno("write");
+    if (!wait_read(pong)) return fail_errno("read");
+  }
+  const double us = static_cast<double>(now_ns() - t0) / 1e3 / static_cast<double>(n);
+  int st = 0;
+  ::waitpid(child, &st, 0);
+  return nlohmann::json{{"floor", "eventfd round trip across processes"}, {"round_trips", n}, {"rtt_us", us}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -927,6 +1028,15 @@ int main(int argc, char** argv) {
   if (!args) {
     std::fprintf(stderr, "blkfront: %s\n", args.error().what().c_str());
     return 2;
+  }
+  if (!args->floor_direct.empty() || args->floor_notify != 0) {
+    auto r = !args->floor_direct.empty() ? floor_direct(*args) : floor_notify(args->floor_notify);
+    if (!r) {
+      std::printf("%s\n", nlohmann::json{{"ok", false}, {"error", r.error().describe()}}.dump().c_str());
+      return 1;
+    }
+    std::printf("%s\n", r->dump().c_str());
+    return 0;
   }
   auto guest = xenemu::Guest::connect(args->rundir, args->domid);
   if (!guest) {
