@@ -63,6 +63,10 @@ Result<void> ConsoleDevice::realize() {
       // QEMU's frontend-open: the device side (our guest frontend) has the chardev open.
       [this] { return live_.has_value(); });
 
+  again_ = PVHOST_TRY(loop().make_timer([this, alive] {
+    if (alive.lock()) pump();
+  }));
+
   if (primary_) {
     // No xenbus state on the primary console: connect when the domain builder's keys exist.
     auto cb = [this, alive](std::string_view) {
@@ -145,6 +149,7 @@ void ConsoleDevice::disconnect() {
 void ConsoleDevice::unrealize() {
   ring_ref_watch_.reset();
   port_watch_.reset();
+  again_ = EventLoop::Timer();
   chardev_.reset();
   log_end_.reset();
   end_.reset();
@@ -214,8 +219,16 @@ void ConsoleDevice::pump() {
 
   // Guest -> host: always drain `out` (the guest never waits for the host; `limit` bounds
   // what we hold).
+  // A guest that keeps producing while we copy cannot hold the loop: after kMaxRounds rings
+  // the rest waits for the next round of the loop (fairness to other devices).
+  constexpr int kMaxRounds = 32;
+  bool more = false;
   std::array<std::byte, kOutSize> out{};
-  for (;;) {
+  for (int round = 0;; ++round) {
+    if (round == kMaxRounds) {
+      more = true;
+      break;
+    }
     auto n = read_out(page, out);
     if (!n) return protocol_violation(std::move(n).error());
     if (*n == 0) break;
@@ -229,7 +242,11 @@ void ConsoleDevice::pump() {
 
   // Host -> guest: read only what `in` can take, so nothing read is ever dropped.
   if (end_) {
-    for (;;) {
+    for (int round = 0;; ++round) {
+      if (round == kMaxRounds) {
+        more = true;
+        break;
+      }
       if (in_pending_.empty()) {
         auto space = in_space(page);
         if (!space) return protocol_violation(std::move(space).error());
@@ -258,6 +275,11 @@ void ConsoleDevice::pump() {
   }
   if (notify) {
     if (auto r = live_->port.notify(); !r) log::warn("{}: notify: {}", name(), r.error().describe());
+  }
+  if (more) {
+    // Through epoll (a timer), not defer(): deferred calls run until quiet, so a busy guest
+    // would still hold the loop.
+    if (auto r = again_.arm(std::chrono::microseconds(1)); !r) log::warn("{}: timer: {}", name(), r.error().describe());
   }
 }
 

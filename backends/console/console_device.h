@@ -91,6 +91,7 @@ class ConsoleDevice final : public XenDevice {
   ConsoleHost::Entry chardev_;
   xen::XenStore::Watch ring_ref_watch_;  // primary only
   xen::XenStore::Watch port_watch_;      // primary only
+  EventLoop::Timer again_;               // resumes a pump cut short for fairness
   std::shared_ptr<int> alive_ = std::make_shared<int>(0);  // guards deferred calls
 };
 
