@@ -16,7 +16,9 @@
 
 #include "hw/xen/xen.h"
 #include "pvhost_config.h"
+#include "qmp/server.h"
 #include "src/app/process.h"
+#include "src/app/qmp_glue.h"
 #include "src/cli.h"
 #include "src/device/backend_host.h"
 #include "src/device/registry.h"
@@ -169,6 +171,16 @@ int run(int argc, char** argv) {
     log::info("dom{} is gone; exiting", *o.domid);
     loop.stop();
   };
+  // QMP first, so the monitors exist (and -S shows "prelaunch") as soon as devices appear.
+  auto qmp_info = qmp::ServerInfo::from_options(o);
+  auto server = qmp::Server::create(loop, qmp_info, o);
+  if (!server) return fail_start(server.error());
+  (*server)->set_shutdown_handler([&](std::string_view reason) {
+    log::info("QMP quit ({}): shutting down", reason);
+    loop.stop();
+  });
+  auto framework_cmds = FrameworkCommands::install(**server, **host);
+  if (!framework_cmds) return fail_start(framework_cmds.error());
   if (auto r = (*host)->start(!o.start_paused); !r) return fail_start(r.error());
 
   if (o.domid_restrict) {
