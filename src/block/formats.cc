@@ -271,7 +271,7 @@ Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format, const 
   if (fmt_name == "raw" || fmt_name == "aio" || fmt_name == "file" || fmt_name == "host_device")
     return open_raw_image(o, guard);
   if (fmt_name == "nbd") {
-    if (guard.depth > 0) ++guard.depth;
+    ++guard.depth;  // a remote export ends the chain (NBD has no backing files)
     return open_nbd(o.path, o.read_only);
   }
   return fail(ENOTSUP, fmt::format("image format '{}' not supported", fmt_name));
@@ -280,6 +280,11 @@ Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format, const 
 Result<std::unique_ptr<Image>> open_any(std::string_view format, const OpenOptions& o) {
   ChainGuard guard;
   return open_any_in_chain(format, o, guard);
+}
+
+Result<std::unique_ptr<BlockDriver>> open_format_driver(std::string_view format, const OpenOptions& options) {
+  std::unique_ptr<Image> img = PVHOST_TRY(open_any(format, options));
+  return std::unique_ptr<BlockDriver>(std::move(img));
 }
 
 namespace {

@@ -81,6 +81,11 @@ struct ChainGuard {
 // opened read-only, with their recorded backing format or by probing). For "nbd" the
 // path is an NBD spec (nbd:unix:/path[:exportname=NAME], nbd://host[:port]/export).
 [[nodiscard]] Result<std::unique_ptr<Image>> open_any(std::string_view format, const OpenOptions& options);
+// open_any() as a BlockDriver, for open_image() (block_driver.cc):
+//   case Format::qcow2: case Format::vpc: case Format::nbd:
+//     return open_format_driver(to_string(format), options);
+[[nodiscard]] Result<std::unique_ptr<BlockDriver>> open_format_driver(std::string_view format,
+                                                                      const OpenOptions& options);
 // Same, continuing a chain (used by the drivers for their backing files).
 [[nodiscard]] Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format,
                                                                const OpenOptions& options,

@@ -89,6 +89,16 @@ TEST_CASE("qcow2: unallocated clusters read from the backing file, zero clusters
   run_ok("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " + d.file("top.qcow2"));
   run_ok("qemu-io -c 'write -P 0x41 4096 8192' -c 'write -z 1048576 65536' " + d.file("top.qcow2") + " >/dev/null");
   auto expected = qemu_img_raw("qcow2", d.file("top.qcow2"), d.file("out.raw"));
+  // As open_image() will call it, through the BlockDriver interface.
+  {
+    OpenOptions o;
+    o.path = d.file("top.qcow2");
+    o.read_only = ReadOnly::yes;
+    auto drv = open_format_driver("qcow2", o);
+    REQUIRE(drv);
+    CHECK((*drv)->info().format == "qcow2");
+    CHECK(image_info_json(**drv)["backing-image"]["format"] == "qcow2");
+  }
   auto img = must_open("qcow2", d.file("top.qcow2"), ReadOnly::yes);
   REQUIRE(img->backing() != nullptr);
   CHECK(read_all(*img) == expected);
