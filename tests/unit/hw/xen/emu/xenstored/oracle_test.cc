@@ -564,13 +564,13 @@ TEST_CASE("malformed: unknown types get ENOSYS and missing NULs EINVAL, as xenst
   CHECK(r->type == XS_READ);
 }
 
-TEST_CASE("privileged operations: a domain gets EACCES for CONTROL, RELEASE and SET_TARGET") {
+TEST_CASE("privileged operations: a domain gets EACCES for CONTROL, INTRODUCE, RELEASE, RESUME, SET_TARGET and IS_DOMAIN_INTRODUCED") {
   Server s;
   REQUIRE(s.introduce(5));
   RawClient d5(s.domain_socket(5));
-  for (uint32_t t : {uint32_t{XS_CONTROL}, uint32_t{XS_RELEASE}, uint32_t{XS_RESUME},
-                     uint32_t{XS_IS_DOMAIN_INTRODUCED}}) {
-    auto r = d5.call(t, z("5"));
+  for (uint32_t t : {uint32_t{XS_CONTROL}, uint32_t{XS_INTRODUCE}, uint32_t{XS_RELEASE},
+                     uint32_t{XS_RESUME}, uint32_t{XS_SET_TARGET}, uint32_t{XS_IS_DOMAIN_INTRODUCED}}) {
+    auto r = d5.call(t, z("5") + z("1") + z("1"));
     REQUIRE(r);
     CHECK(err_of(*r) == "EACCES");
   }
