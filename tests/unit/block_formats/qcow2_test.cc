@@ -249,6 +249,36 @@ TEST_CASE("qcow2: writes that need new refcount blocks allocate them", "[qcow2]"
   check_clean_and_equal(d, d.file("r.qcow2"), model);
 }
 
+TEST_CASE("qcow2: a full refcount table is a clear error that leaves the image clean", "[qcow2]") {
+  // 512-byte clusters, 64-bit refcounts, one refcount-table cluster (as qemu-img makes
+  // it): refcounts for 64 * 64 clusters = 2 MiB of file. Growing the table is not
+  // implemented, so the image cannot grow past that.
+  TempDir d;
+  run_ok("qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 " + d.file("f.qcow2") + " 8M");
+  std::vector<std::byte> model(8 * kMiB);
+  std::string err;
+  {
+    auto img = must_open("qcow2", d.file("f.qcow2"));
+    for (uint64_t off = 0; off < 8 * kMiB; off += 65536) {
+      auto data = pattern(65536, off);
+      auto r = img->write_at(off, data);
+      if (!r) {
+        err = r.error().describe();
+        break;
+      }
+      std::memcpy(model.data() + off, data.data(), data.size());
+    }
+    REQUIRE(img->flush_all());
+  }
+  INFO(err);
+  CHECK(err.find("refcount table full") != std::string::npos);
+  CHECK(qemu_img_check("qcow2", d.file("f.qcow2")) == 0);
+  auto img = must_open("qcow2", d.file("f.qcow2"), ReadOnly::yes);
+  const auto got = read_all(*img);
+  // The first MiB went in before the table filled up (about 1.9 MiB fits).
+  CHECK(std::equal(model.begin(), model.begin() + static_cast<std::ptrdiff_t>(kMiB), got.begin()));
+}
+
 TEST_CASE("qcow2: discard makes clusters read as zeroes and frees them", "[qcow2]") {
   TempDir d;
   const auto base = pattern(2 * kMiB, 1);
