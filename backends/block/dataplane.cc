@@ -1,5 +1,6 @@
 #include "backends/block/dataplane.h"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdlib>
@@ -32,30 +33,41 @@ uint64_t now_ns() {
 }
 
 // Persistent grants (blkif.h feature-persistent): each granted page mapped once and kept,
-// least recently used evicted beyond `cap`. Data is always bounced through our own buffer,
-// so a mapping is only used for the duration of one memcpy and can be evicted any time.
+// least recently used evicted beyond `cap`. The misses of one request are mapped with one
+// map_refs call (one hypervisor round trip, not one per page); the pages of such a batch
+// share that mapping, which goes away when the last of them is evicted. Data is always
+// bounced through our own buffers, so a mapping is only used for the duration of one
+// memcpy and can be evicted any time.
 class GrantCache {
  public:
   GrantCache(xen::GrantTables& gt, DomId dom, size_t cap) : gt_(gt), dom_(dom), cap_(cap) {}
+
+  // Maps every ref of `refs` not yet mapped, in one call when possible. A failure here is
+  // not reported: get() then maps the bad ref alone and reports it.
+  void prefetch(std::span<const Seg> segs) {
+    std::vector<GrantRef> miss;
+    for (const Seg& s : segs)
+      if (!map_.contains(s.gref.value()) &&
+          std::find(miss.begin(), miss.end(), s.gref) == miss.end())
+        miss.push_back(s.gref);
+    if (miss.size() < 2) return;
+    auto m = gt_.map_refs(dom_, miss, xen::Access::read_write);
+    if (!m) return;
+    auto shared = std::make_shared<xen::GuestMapping>(std::move(*m));
+    for (size_t i = 0; i < miss.size(); ++i) insert(miss[i].value(), shared, shared->data() + i * kPageSize);
+  }
 
   // The page for `ref`, mapped read-write (the frontend grants persistent pages writable).
   Result<std::byte*> get(GrantRef ref) {
     if (auto it = map_.find(ref.value()); it != map_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second.pos);
-      return it->second.mapping.data();
+      return it->second.page;
     }
     const GrantRef one[1] = {ref};
     auto m = gt_.map_refs(dom_, one, xen::Access::read_write);
     if (!m) return std::unexpected(std::move(m).error());
-    if (map_.size() >= cap_ && !lru_.empty()) {
-      map_.erase(lru_.back());
-      lru_.pop_back();
-    }
-    lru_.push_front(ref.value());
-    auto& e = map_[ref.value()];
-    e.mapping = std::move(*m);
-    e.pos = lru_.begin();
-    return e.mapping.data();
+    auto shared = std::make_shared<xen::GuestMapping>(std::move(*m));
+    return insert(ref.value(), shared, shared->data());
   }
   [[nodiscard]] size_t size() const { return map_.size(); }
   void clear() {
@@ -65,9 +77,20 @@ class GrantCache {
 
  private:
   struct Entry {
-    xen::GuestMapping mapping;
+    std::shared_ptr<xen::GuestMapping> mapping;  // possibly shared with refs mapped alongside
+    std::byte* page;
     std::list<uint32_t>::iterator pos;
   };
+  std::byte* insert(uint32_t ref, std::shared_ptr<xen::GuestMapping> mapping, std::byte* page) {
+    while (map_.size() >= cap_ && !lru_.empty()) {
+      map_.erase(lru_.back());
+      lru_.pop_back();
+    }
+    lru_.push_front(ref);
+    map_[ref] = Entry{std::move(mapping), page, lru_.begin()};
+    return page;
+  }
+
   xen::GrantTables& gt_;
   DomId dom_;
   size_t cap_;
@@ -274,6 +297,7 @@ class RingQueue::Worker {
   // Write data into the bounce buffer: memcpy from persistent mappings, the rest queued for
   // one batched grant copy in dispatch_writes().
   void gather(Pending& p) {
+    if (p_.persistent) cache_.prefetch(p.req.segments);
     size_t off = 0;
     for (const Seg& s : p.req.segments) {
       std::byte* dst = p.buf.get() + off;
@@ -352,6 +376,7 @@ class RingQueue::Worker {
   void scatter_reads() {
     if (reads_done_.empty()) return;
     for (Pending* p : reads_done_) {
+      if (p_.persistent) cache_.prefetch(p->req.segments);
       size_t off = 0;
       for (const Seg& s : p->req.segments) {
         std::byte* src = p->buf.get() + off;

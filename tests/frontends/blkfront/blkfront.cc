@@ -484,13 +484,14 @@ class Frontend {
     return n;
   }
 
-  Result<void> wait_events(std::chrono::milliseconds t) {
+  // True when an event arrived within `t`.
+  Result<bool> wait_events(std::chrono::milliseconds t) {
     auto p = PVHOST_TRY(g_->wait_event(t));
     if (p) {
       ++wakeups_;
       PVHOST_TRY(g_->unmask(*p));
     }
-    return {};
+    return p.has_value();
   }
 
   // Issues one request (raw entry or built) on queue 0 and waits for its status.
@@ -621,10 +622,12 @@ class Frontend {
       if (!any_active && !more_to_start()) break;
       size_t got = 0;
       for (auto& Q : queues_) got += PVHOST_TRY(reap(Q));
-      if (got == 0 && any_active) PVHOST_TRY(wait_events(100ms));
+      bool quiet = false;
+      if (got == 0 && any_active) quiet = !PVHOST_TRY(wait_events(100ms));
       // Unplug (blkfront's backend_changed: Closing): start nothing new, let what is in
-      // flight finish, then close; or, abandoning, write Closed at once.
-      if ((++rounds_ % 64 == 0 || got == 0) && !backend_closing_ && backend_is({"5", "6", "gone"})) {
+      // flight finish, then close; or, abandoning, write Closed at once. (xenstore is
+      // looked at now and then, not per round: it costs a round trip.)
+      if ((++rounds_ % 4096 == 0 || quiet) && !backend_closing_ && backend_is({"5", "6", "gone"})) {
         backend_closing_ = true;
         if (a_.abandon) {
           in_flight_at_abandon_ = static_cast<uint64_t>(std::count_if(ios_.begin(), ios_.end(), [](const Io& io) { return io.active; }));
