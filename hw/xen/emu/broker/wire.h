@@ -121,7 +121,7 @@ struct Message {
 
 inline void copy_name(char (&dst)[kNameMax], std::string_view s) {
   const size_t n = std::min(s.size(), kNameMax - 1);
-  std::memcpy(dst, s.data(), n);
+  if (n != 0) std::memcpy(dst, s.data(), n);  // an empty view may carry a null pointer
   dst[n] = '\0';
 }
 
