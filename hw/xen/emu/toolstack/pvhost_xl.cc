@@ -3,6 +3,9 @@
 //   pvhost-xl [--rundir DIR] domain create NAME [--memory MIB] [--vcpus N] [--max-grant-frames N]
 //   pvhost-xl [--rundir DIR] domain destroy DOMID
 //   pvhost-xl [--rundir DIR] domain list
+//   pvhost-xl [--rundir DIR] device add TYPE DOMID KEY=VALUE...   (prints the devid)
+//   pvhost-xl [--rundir DIR] device del TYPE DOMID ID [--timeout SECONDS]
+//   pvhost-xl [--rundir DIR] device list DOMID
 //
 // RUNDIR is pvhost-xenemu's (--rundir, else $PVHOST_XENEMU_RUNDIR). Commands are one table of
 // {group, verb, handler}; each group's work lives in a library (hw/xen/emu/toolstack/) so tests
@@ -16,6 +19,7 @@
 #include <vector>
 
 #include "hw/xen/emu/toolstack/domain.h"
+#include "hw/xen/toolstack/devices.h"
 #include "hw/xen/xs_client.h"
 #include "src/log.h"
 
@@ -96,12 +100,62 @@ Result<void> domain_list_cmd(Context& ctx, const Args& args) {
   return {};
 }
 
-// Device commands join this table (hw/xen/toolstack/devices.h).
+Result<DomId> parse_domid(std::string_view s) {
+  const uint32_t id = PVHOST_TRY(parse_u32("DOMID", s));
+  if (id == 0 || id > 0x7FEF) return fail(EINVAL, fmt::format("{} is not a guest domain id", id));
+  return DomId(static_cast<uint16_t>(id));
+}
+
+// device add TYPE DOMID KEY=VALUE...: the nodes libxl writes for that type
+// (hw/xen/toolstack/devices.h lists the keys each type takes).
+Result<void> device_add_cmd(Context& ctx, const Args& args) {
+  if (args.size() < 2) return fail(EINVAL, "usage: device add TYPE DOMID KEY=VALUE...");
+  toolstack::DeviceRequest req{std::string(args[0]), PVHOST_TRY(parse_domid(args[1])), DomId(0), {}};
+  for (size_t i = 2; i < args.size(); ++i) {
+    auto eq = args[i].find('=');
+    if (eq == std::string_view::npos || eq == 0) return fail(EINVAL, fmt::format("'{}' is not KEY=VALUE", args[i]));
+    req.settings[std::string(args[i].substr(0, eq))] = std::string(args[i].substr(eq + 1));
+  }
+  xen::XenStore* xs = PVHOST_TRY(ctx.store());
+  const auto dev = PVHOST_TRY(toolstack::device_add(*xs, req));
+  std::printf("%s\n", dev.devid.c_str());
+  return {};
+}
+
+// device del TYPE DOMID ID: online=0, state=5, wait for Closed, remove (as libxl does).
+Result<void> device_del_cmd(Context& ctx, const Args& args) {
+  if (args.size() != 3 && args.size() != 5) return fail(EINVAL, "usage: device del TYPE DOMID ID [--timeout SECONDS]");
+  uint32_t timeout_s = 10;
+  if (args.size() == 5) {
+    if (args[3] != "--timeout") return fail(EINVAL, fmt::format("unexpected argument '{}'", args[3]));
+    timeout_s = PVHOST_TRY(parse_u32("--timeout", args[4]));
+  }
+  xen::XenStore* xs = PVHOST_TRY(ctx.store());
+  const auto dev = PVHOST_TRY(toolstack::device_find(*xs, DomId(0), PVHOST_TRY(parse_domid(args[1])),
+                                                     std::string(args[0]), std::string(args[2])));
+  return toolstack::device_del(*xs, dev, std::chrono::seconds(timeout_s));
+}
+
+Result<void> device_list_cmd(Context& ctx, const Args& args) {
+  if (args.size() != 1) return fail(EINVAL, "usage: device list DOMID");
+  xen::XenStore* xs = PVHOST_TRY(ctx.store());
+  for (const auto& d : PVHOST_TRY(toolstack::device_list(*xs, DomId(0), PVHOST_TRY(parse_domid(args[0]))))) {
+    auto state = PVHOST_TRY(xen::read_optional(*xs, xen::kNoTransaction, d.backend_path + "/state"));
+    std::printf("%-10s %-8s state=%-2s %s\n", d.type.c_str(), d.devid.c_str(), state.value_or("-").c_str(),
+                d.frontend_path.c_str());
+  }
+  return {};
+}
+
 const std::vector<Command>& commands() {
   static const std::vector<Command> table = {
       {"domain", "create", "domain create NAME [--memory MIB] [--vcpus N] [--max-grant-frames N]", domain_create_cmd},
       {"domain", "destroy", "domain destroy DOMID", domain_destroy_cmd},
       {"domain", "list", "domain list", domain_list_cmd},
+      {"device", "add", "device add TYPE DOMID KEY=VALUE...  (qdisk: target=PATH format=raw|qcow2|vhd vdev=xvda mode=w|r)",
+       device_add_cmd},
+      {"device", "del", "device del TYPE DOMID ID [--timeout SECONDS]", device_del_cmd},
+      {"device", "list", "device list DOMID", device_list_cmd},
   };
   return table;
 }
