@@ -308,7 +308,7 @@ void register_builtin_commands(Server& server, Server::Impl& impl) {
                         [p](const json&) -> CommandResult {
                           json list = json::array();
                           for (const auto& c : p->chardevs)
-                            list.push_back({{"frontend-open", c.frontend_open}, {"filename", c.filename()}, {"label", c.label}});
+                            list.push_back({{"frontend-open", c.frontend_open()}, {"filename", c.filename()}, {"label", c.label}});
                           return list;
                         }));
   // qapi/ui.json VncInfo: {"enabled": false} when no VNC server listens (ui/vnc.c).

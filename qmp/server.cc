@@ -584,7 +584,7 @@ void Server::Impl::flush_all() {
 }
 
 Registration Server::Impl::add_chardev(std::string label, std::function<std::string()> filename,
-                                       bool frontend_open) {
+                                       std::function<bool()> frontend_open) {
   const uint64_t cid = next_id++;
   chardevs.push_back({cid, std::move(label), std::move(filename), frontend_open});
   std::weak_ptr<int> weak = alive;
@@ -656,7 +656,7 @@ Result<void> Server::add_monitor(const std::string& socket_path, std::string lab
   // update_disconnected_filename ("disconnected:" prefix) otherwise.
   m->chardev = impl->add_chardev(std::move(label), [raw] {
     return fmt::format("{}unix:{},server=on", raw->clients > 0 ? "" : "disconnected:", raw->path);
-  }, true);
+  }, [] { return true; });
   impl->monitors.push_back(std::move(m));
   log::info("qmp: listening on {}", socket_path);
   return {};
@@ -706,7 +706,12 @@ void Server::emit_event(std::string_view name, const json& data) {
 RunState& Server::run_state() { return impl_->run_state; }
 
 Registration Server::add_chardev(std::string label, std::function<std::string()> filename, bool frontend_open) {
-  return impl_->add_chardev(std::move(label), std::move(filename), frontend_open);
+  return impl_->add_chardev(std::move(label), std::move(filename), [frontend_open] { return frontend_open; });
+}
+
+Registration Server::add_chardev(std::string label, std::function<std::string()> filename,
+                                 std::function<bool()> frontend_open) {
+  return impl_->add_chardev(std::move(label), std::move(filename), std::move(frontend_open));
 }
 
 void Server::set_vnc_provider(VncProvider provider) { impl_->vnc = std::move(provider); }

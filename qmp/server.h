@@ -299,6 +299,9 @@ class Server {
   // connection state). Kept in registration order.
   [[nodiscard]] Registration add_chardev(std::string label, std::function<std::string()> filename,
                                          bool frontend_open = true);
+  // The same, with frontend-open asked at query time.
+  [[nodiscard]] Registration add_chardev(std::string label, std::function<std::string()> filename,
+                                         std::function<bool()> frontend_open);
 
   void set_vnc_provider(VncProvider provider);
   // Called (on the loop thread) after `quit` has been answered and SHUTDOWN sent; default:

@@ -55,7 +55,7 @@ struct Server::Impl {
     uint64_t id;
     std::string label;
     std::function<std::string()> filename;
-    bool frontend_open;
+    std::function<bool()> frontend_open;  // asked at query time (a console's guest comes and goes)
   };
   std::vector<Chardev> chardevs;
   uint64_t next_id = 1;
@@ -70,7 +70,7 @@ struct Server::Impl {
   void broadcast(const std::string& line);
   void flush_all();
   [[nodiscard]] Registration add_chardev(std::string label, std::function<std::string()> filename,
-                                         bool frontend_open);
+                                         std::function<bool()> frontend_open);
 };
 
 void register_builtin_commands(Server& server, Server::Impl& impl);

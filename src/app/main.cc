@@ -19,6 +19,9 @@
 #include "qmp/server.h"
 #include "src/app/process.h"
 #include "src/app/qmp_glue.h"
+#if PVHOST_BACKEND_CONSOLE
+#include "backends/console/console_host.h"
+#endif
 #include "src/cli.h"
 #include "src/device/backend_host.h"
 #include "src/device/registry.h"
@@ -181,6 +184,16 @@ int run(int argc, char** argv) {
   });
   auto framework_cmds = FrameworkCommands::install(**server, **host);
   if (!framework_cmds) return fail_start(framework_cmds.error());
+#if PVHOST_BACKEND_CONSOLE
+  // Consoles resolve `output = chardev:ID` against the -chardev list, and appear in
+  // query-chardev while they exist.
+  console::process_console_host().set_chardevs(o.chardevs);
+  console::process_console_host().set_sink(
+      [&srv = **server](std::string label, console::ConsoleHost::FilenameFn filename, console::ConsoleHost::OpenFn open) {
+        auto reg = std::make_shared<qmp::Registration>(srv.add_chardev(std::move(label), std::move(filename), std::move(open)));
+        return std::function<void()>([reg] { reg->reset(); });
+      });
+#endif
   if (auto r = (*host)->start(!o.start_paused); !r) return fail_start(r.error());
 
   if (o.domid_restrict) {
@@ -200,6 +213,9 @@ int run(int argc, char** argv) {
 
   auto ran = loop.run();
   (*host)->shutdown();
+#if PVHOST_BACKEND_CONSOLE
+  console::process_console_host().set_sink({});  // the QMP server goes before the registry
+#endif
   if (!ran) {
     log::error("main loop: {}", ran.error().describe());
     return 1;
