@@ -22,6 +22,9 @@
 #if PVHOST_BACKEND_CONSOLE
 #include "backends/console/console_host.h"
 #endif
+#if PVHOST_BACKEND_QDISK
+#include "src/app/block_glue.h"
+#endif
 #include "src/cli.h"
 #include "src/device/backend_host.h"
 #include "src/device/registry.h"
@@ -184,6 +187,10 @@ int run(int argc, char** argv) {
   });
   auto framework_cmds = FrameworkCommands::install(**server, **host);
   if (!framework_cmds) return fail_start(framework_cmds.error());
+#if PVHOST_BACKEND_QDISK
+  auto block_cmds = BlockCommands::install(**server, **host);
+  if (!block_cmds) return fail_start(block_cmds.error());
+#endif
 #if PVHOST_BACKEND_CONSOLE
   // Consoles resolve `output = chardev:ID` against the -chardev list, and appear in
   // query-chardev while they exist.
