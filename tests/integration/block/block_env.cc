@@ -127,9 +127,18 @@ BlockEnv::BlockEnv(uint32_t memory_mib) {
       }))
     throw std::runtime_error("pvhost-xenemu did not start: " + slurp(log_files_[0]));
   xs_ = std::move(xs);
-  auto ts = xenemu::Toolstack::connect(rundir_);
-  if (!ts) throw std::runtime_error("toolstack: " + ts.error().describe());
-  ts_ = std::move(*ts);
+  // The socket file can appear a moment before the broker listens on it: retry.
+  std::string last_error;
+  if (!poll_until([&] {
+        auto ts = xenemu::Toolstack::connect(rundir_);
+        if (!ts) {
+          last_error = ts.error().describe();
+          return false;
+        }
+        ts_ = std::move(*ts);
+        return true;
+      }))
+    throw std::runtime_error("toolstack: " + last_error);
   xenemu::DomainConfig cfg;
   cfg.name = "block-guest";
   cfg.memory_mib = memory_mib;
