@@ -274,14 +274,14 @@ class RingQueue::Worker {
     auto done = [this, raw](int64_t r) { on_io_done(raw, r); };
     switch (raw->req.op) {
       case Op::read: {
-        raw->buf = alloc_buffer(raw->req.bytes());
+        raw->buf = take_buffer(raw->req.bytes());
         iovec iov{raw->buf.get(), raw->req.bytes()};
         io_->read(offset, {&iov, 1}, done);
         break;
       }
       case Op::write:
       case Op::write_barrier:
-        raw->buf = alloc_buffer(raw->req.bytes());
+        raw->buf = take_buffer(raw->req.bytes());
         gather(*raw);
         pending_writes_.push_back(raw);
         break;
@@ -423,6 +423,7 @@ class RingQueue::Worker {
     if (ok && (p->req.op == Op::write || p->req.op == Op::write_barrier))
       p_.stats->wrote_up_to((p->req.sector << kSectorShift) + p->req.bytes());
     p_.stats->finished();
+    recycle(std::move(p->buf), p->req.bytes());
     respond(p->req.id, p->req.operation, p->status);
     if (p->req.op == Op::write_barrier) barrier_running_ = false;
     --outstanding_;
@@ -445,6 +446,29 @@ class RingQueue::Worker {
     PVHOST_LOG_RATELIMITED(log::Level::warn, "{}: barrier id {:#x} not run: {}", p_.name, barrier_->req.id, why);
     respond(barrier_->req.id, barrier_->req.operation, BLKIF_RSP_ERROR);
     barrier_.reset();
+  }
+
+  // Bounce buffers are reused (per size, a few of each): a fresh one costs a page fault per
+  // page on first touch, which showed in profiles of 1 MiB requests.
+  Buffer take_buffer(size_t bytes) {
+    const size_t rounded = (bytes + kPageSize - 1) / kPageSize * kPageSize;
+    auto it = pool_.find(rounded);
+    if (it != pool_.end() && !it->second.empty()) {
+      Buffer b = std::move(it->second.back());
+      it->second.pop_back();
+      pooled_bytes_ -= rounded;
+      return b;
+    }
+    return alloc_buffer(rounded);
+  }
+  void recycle(Buffer b, size_t bytes) {
+    if (!b || bytes == 0) return;
+    const size_t rounded = (bytes + kPageSize - 1) / kPageSize * kPageSize;
+    auto& list = pool_[rounded];
+    if (list.size() < kPoolPerSize && pooled_bytes_ + rounded <= kPoolBytes) {
+      pooled_bytes_ += rounded;
+      list.push_back(std::move(b));
+    }
   }
 
   void respond(uint64_t id, uint8_t operation, int16_t status) {
@@ -473,6 +497,10 @@ class RingQueue::Worker {
     if (p_.on_violation) p_.on_violation(Error(EPROTO, std::move(reason)));
   }
 
+  static constexpr size_t kPoolPerSize = 64;
+  static constexpr size_t kPoolBytes = 64u << 20;  // per queue, at most
+  std::unordered_map<size_t, std::vector<Buffer>> pool_;
+  size_t pooled_bytes_ = 0;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   QueueParams& p_;
   QueueInfo& info_;
