@@ -106,6 +106,16 @@ class RingQueue::Worker {
       : p_(p), info_(info), loop_(loop), limits_(p.limits), paused_(p.paused),
         cache_(p.xen->grants(), p.frontend, p.persistent_cap) {}
 
+  // Paused with nothing in flight (the caller quiesced us), so no completion can still
+  // refer to the old queue.
+  Result<void> switch_driver(block::BlockDriver* driver) {
+    if (io_ && io_->in_flight() != 0) return fail(EBUSY, "switching drivers with I/O in flight");
+    auto q = PVHOST_TRY(driver->open_queue(loop_, ring_.size(), [this] { after_completions(); }));
+    io_ = std::move(q);
+    p_.driver = driver;
+    return {};
+  }
+
   Result<void> open() {
     auto& gt = p_.xen->grants();
     ring_map_ = PVHOST_TRY_CTX(gt.map_refs(p_.frontend, p_.ring_refs, xen::Access::read_write), "mapping the ring");
@@ -565,6 +575,12 @@ void RingQueue::pause(std::function<void()> drained) {
 
 void RingQueue::resume() {
   thread_->loop().post([this] { worker_->resume(); });
+}
+
+Result<void> RingQueue::switch_driver(block::BlockDriver* driver) {
+  Result<void> r;
+  thread_->run_sync([&] { r = worker_->switch_driver(driver); });
+  return r;
 }
 
 void RingQueue::set_limits(const Limits& limits) {

@@ -64,6 +64,9 @@ class RingQueue {
   void pause(std::function<void()> drained);
   void resume();
   void set_limits(const Limits& limits);
+  // While paused and drained: submit from now on to `driver` (a snapshot overlay). Runs
+  // on the I/O thread and waits for it.
+  [[nodiscard]] Result<void> switch_driver(block::BlockDriver* driver);
 
   [[nodiscard]] const QueueInfo& info() const { return *info_; }
   [[nodiscard]] Port local_port() const { return local_port_; }

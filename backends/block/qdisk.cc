@@ -1,5 +1,8 @@
 #include "backends/block/qdisk.h"
 
+#include "src/block/formats.h"
+#include "src/block/qcow2/qcow2_image.h"
+
 #include <thread>
 
 #include <fmt/format.h>
@@ -137,6 +140,38 @@ Result<uint64_t> QdiskDevice::resize() {
   return bytes;
 }
 
+Result<void> QdiskDevice::snapshot(const std::string& overlay, SnapshotMode mode) {
+  if (!paused_) return fail(EBUSY, "the device must be quiesced for a snapshot");
+  if (!driver_) return fail(ENODEV, "no image is open");
+  const auto info = driver_->info();
+  // Everything the guest wrote must be in the current image before another driver opens it
+  // as a backing file: a qcow2 driver holds metadata (L2, refcounts) until a flush.
+  if (auto* img = dynamic_cast<block::Image*>(driver_.get()))
+    PVHOST_TRY_CTX(img->flush_all(), fmt::format("flushing {} before the snapshot", config_.path));
+  if (mode == SnapshotMode::create) {
+    // qcow2.txt: the overlay's backing file is the current image, with its format.
+    PVHOST_TRY_CTX(block::create_qcow2(overlay, info.size_bytes, 65536, config_.path,
+                                       std::string(block::to_string(config_.format))),
+                   fmt::format("creating {}", overlay));
+  }
+  block::OpenOptions o;
+  o.path = overlay;
+  o.read_only = config_.read_only;
+  o.direct = block::DirectIo::yes;
+  std::unique_ptr<block::BlockDriver> next =
+      PVHOST_TRY_CTX(block::open_image(block::Format::qcow2, o), fmt::format("opening {}", overlay));
+  if (next->info().size_bytes != info.size_bytes)
+    return fail(EINVAL, fmt::format("{} is {} bytes, the disk is {}", overlay, next->info().size_bytes, info.size_bytes));
+  for (auto& q : queues_) PVHOST_TRY_CTX(q->switch_driver(next.get()), "switching queues to the overlay");
+  driver_ = std::move(next);  // the old top is closed; the overlay holds the chain below it
+  config_.path = overlay;
+  config_.format = block::Format::qcow2;
+  // A restarted pvhost (or a reconnecting device) opens the active layer.
+  PVHOST_TRY_CTX(write_backend("params", "qcow2:" + overlay), "recording the new chain");
+  log::info("{}: snapshot: now writing to {}", name(), overlay);
+  return {};
+}
+
 void QdiskDevice::quiesce(std::function<void()> done) {
   paused_ = true;
   if (queues_.empty()) {
@@ -201,6 +236,14 @@ nlohmann::json QdiskDevice::query_block_json() const {
         {"virtual-size", info.size_bytes},
         {"dirty-flag", false}}},
   };
+  // The format layer's ImageInfo carries the backing chain (backing-image, nested), as
+  // QEMU's inserted.image does; backing_file_depth counts it.
+  if (auto* img = dynamic_cast<const block::Image*>(driver_.get())) {
+    j["image"] = block::image_info_json(*img);
+    int depth = 0;
+    for (const nlohmann::json* b = &j["image"]; b->contains("backing-image"); b = &(*b)["backing-image"]) ++depth;
+    j["backing_file_depth"] = depth;
+  }
   return j;
 }
 
@@ -261,6 +304,7 @@ void register_types(Registry& registry) {
   };
   registry.add(BackendType{"qdisk", "PV block device (blkif), raw images via io_uring", keys, create, {}});
   registry.add(BackendType{"vbd", "PV block device served as a vbd (on request only: -backends vbd)", keys, create, {}});
+  registry.mark_opt_in("vbd");
 }
 
 }  // namespace pvhost::blkif

@@ -39,6 +39,12 @@ class QdiskDevice final : public XenDevice {
   // again, as blkback does, so the frontend re-reads it.
   [[nodiscard]] Result<uint64_t> resize();
 
+  // blockdev-snapshot-sync, called while quiesced: makes `overlay` (created unless
+  // `existing`) a qcow2 whose backing file is the current image, switches every queue to
+  // it, and records it in the backend's `params` so a restarted pvhost opens the same chain.
+  enum class SnapshotMode { create, existing };
+  [[nodiscard]] Result<void> snapshot(const std::string& overlay, SnapshotMode mode);
+
   void quiesce(std::function<void()> done) override;
   void resume() override;
   [[nodiscard]] nlohmann::json describe() const override;

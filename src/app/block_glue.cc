@@ -13,6 +13,19 @@ std::vector<blkif::QdiskDevice*> disks(const BackendHost& host) {
   return out;
 }
 
+// A disk by QMP `device` (the devid "51712", or the vdev "xvda", or "qdisk-51712") or by
+// `node-name` ("xvda-raw").
+blkif::QdiskDevice* find_disk(const BackendHost& host, const nlohmann::json& args) {
+  for (auto* d : disks(host)) {
+    if (args.contains("node-name") && args["node-name"] == d->node_name()) return d;
+    if (args.contains("device")) {
+      const std::string& id = args["device"].get_ref<const std::string&>();
+      if (id == d->qmp_device() || id == d->config().dev || id == "qdisk-" + d->qmp_device()) return d;
+    }
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<BlockCommands>> BlockCommands::install(qmp::Server& server, BackendHost& host) {
@@ -36,6 +49,49 @@ Result<std::unique_ptr<BlockCommands>> BlockCommands::install(qmp::Server& serve
         for (auto* d : disks(self->host_)) out.push_back(d->blockstats_json());
         return out;
       })));
+  // qapi/block-core.json blockdev-snapshot-sync: quiesce that disk, create the overlay, switch
+  // to it, resume. The guest sees no error; in-flight I/O is drained first, not lost.
+  PVHOST_TRY(server.add_command(
+      {.name = "blockdev-snapshot-sync",
+       .args = {{"device", qmp::ArgType::string, true},
+                {"node-name", qmp::ArgType::string, true},
+                {"snapshot-file", qmp::ArgType::string},
+                {"snapshot-node-name", qmp::ArgType::string, true},
+                {"format", qmp::ArgType::string, true},
+                {"mode", qmp::ArgType::string, true}},
+       .returns = qmp::Returns::empty(),
+       .handler = [self](const nlohmann::json& args, qmp::Responder r) {
+         if (!args.contains("device") && !args.contains("node-name"))
+           return r.fail("Cannot find device= nor node_name=");
+         blkif::QdiskDevice* d = find_disk(self->host_, args);
+         if (d == nullptr) {
+           const std::string which = args.contains("device") ? args["device"].get<std::string>()
+                                                              : args["node-name"].get<std::string>();
+           return r.fail(fmt::format("Cannot find device='{}' nor node-name='{}'", which, which),
+                         qmp::ErrorClass::device_not_found);
+         }
+         if (args.contains("format") && args["format"] != "qcow2")
+           return r.fail(fmt::format("snapshot format '{}' is not supported (qcow2)", args["format"].get<std::string>()));
+         blkif::QdiskDevice::SnapshotMode mode = blkif::QdiskDevice::SnapshotMode::create;
+         if (args.contains("mode")) {
+           if (args["mode"] == "existing") mode = blkif::QdiskDevice::SnapshotMode::existing;
+           else if (args["mode"] != "absolute-paths")
+             return r.fail(fmt::format("Parameter 'mode' does not accept value '{}'", args["mode"].get<std::string>()));
+         }
+         const std::string file = args["snapshot-file"].get<std::string>();
+         const std::string devid = d->qmp_device();
+         auto shared = std::make_shared<qmp::Responder>(std::move(r));
+         d->quiesce([self, devid, file, mode, shared] {
+           // Runs on the main loop once the disk is drained; the device may have gone meanwhile.
+           auto* dev = dynamic_cast<blkif::QdiskDevice*>(self->host_.find("qdisk", devid));
+           if (dev == nullptr) return shared->fail("the device went away during the snapshot");
+           auto res = dev->snapshot(file, mode);
+           // Resume unless the whole VM is stopped (then cont resumes it).
+           if (self->server_.run_state().status() == qmp::RunStatus::running) dev->resume();
+           if (!res) return shared->fail(res.error().what());
+           shared->ok();
+         });
+       }}));
   return bc;
 }
 

@@ -64,7 +64,7 @@ Result<std::unique_ptr<xen::Xen>> open_xen(const Options& o) {
 Result<std::vector<std::string>> served_types(const Options& o, const Registry& registry) {
   if (o.backends.empty()) {
     std::vector<std::string> all;
-    for (auto n : registry.names()) all.emplace_back(n);
+    for (auto n : registry.default_names()) all.emplace_back(n);
     return all;
   }
   for (const auto& b : o.backends) {
@@ -103,7 +103,8 @@ int run(int argc, char** argv) {
   const Registry registry = make_registry();
   if (o.list_backends) {
     std::cout << "backend types built into this pvhost:\n";
-    for (const auto& t : registry.types()) std::cout << "  " << t.name << "\t" << t.description << "\n";
+    for (const auto& t : registry.types())
+      std::cout << "  " << t.name << "\t" << t.description << (registry.is_opt_in(t.name) ? " [opt-in]" : "") << "\n";
     return 0;
   }
   if (auto lvl = log::parse_level(o.log_level); lvl) {

@@ -80,10 +80,10 @@ class BlockDriver {
 };
 
 // Image formats this build can open.
-enum class Format { raw };
+enum class Format { raw, qcow2, vpc, nbd };
 [[nodiscard]] std::string_view to_string(Format f);
-// "raw" (also "aio", QEMU's legacy name for raw) -> Format; anything else is a clear error
-// ("format 'qcow2' not supported yet").
+// "raw" (also "aio", QEMU's legacy name for raw), "qcow2", "vpc"/"vhd", "nbd" -> Format;
+// anything else is a clear error naming the format.
 [[nodiscard]] Result<Format> parse_format(std::string_view name);
 
 [[nodiscard]] Result<std::unique_ptr<BlockDriver>> open_image(Format format, const OpenOptions& options);

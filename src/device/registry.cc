@@ -1,5 +1,7 @@
 #include "src/device/registry.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 namespace pvhost {
@@ -15,6 +17,17 @@ const BackendType* Registry::find(std::string_view name) const {
 std::vector<std::string_view> Registry::names() const {
   std::vector<std::string_view> out;
   for (const auto& t : types_) out.push_back(t.name);
+  return out;
+}
+
+bool Registry::is_opt_in(std::string_view name) const {
+  return std::find(opt_in_.begin(), opt_in_.end(), name) != opt_in_.end();
+}
+
+std::vector<std::string_view> Registry::default_names() const {
+  std::vector<std::string_view> out;
+  for (const auto& t : types_)
+    if (!is_opt_in(t.name)) out.push_back(t.name);
   return out;
 }
 

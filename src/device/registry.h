@@ -37,9 +37,16 @@ class Registry {
   [[nodiscard]] const BackendType* find(std::string_view name) const;
   [[nodiscard]] std::vector<std::string_view> names() const;
   [[nodiscard]] std::span<const BackendType> types() const { return types_; }
+  // An opt-in type is served only when -backends names it (vbd: on real Xen the kernel's
+  // blkback serves vbd devices, and a device model must not take them by default).
+  void mark_opt_in(std::string_view name) { opt_in_.emplace_back(name); }
+  [[nodiscard]] bool is_opt_in(std::string_view name) const;
+  // The types served when -backends is not given.
+  [[nodiscard]] std::vector<std::string_view> default_names() const;
 
  private:
   std::vector<BackendType> types_;
+  std::vector<std::string> opt_in_;
 };
 
 // The backend types compiled into this binary.

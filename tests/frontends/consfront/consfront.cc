@@ -14,6 +14,7 @@
 //                    in pieces of --chunk (default 5000: bursts larger than the ring),
 //                    waiting for the backend to make room.
 //   --echo           copies everything from `in` back to `out` (for byte-exact round trips).
+//   --message TEXT   writes TEXT and CRLF into `out` once connected (the demo's console line).
 //   --read-delay-ms M  sleeps M ms before each read of `in` (a slow guest: host backpressure).
 //   --cycles K       after each --send, waits until the backend drained `out`, closes the
 //                    frontend (Closing, Closed), re-initialises (Initialising) and connects
@@ -56,6 +57,7 @@ struct Args {
   int read_delay_ms = 0;
   int cycles = 1;
   std::string hostile;
+  std::string message;
 };
 
 Result<Args> parse(int argc, char** argv) {
@@ -71,6 +73,7 @@ Result<Args> parse(int argc, char** argv) {
     else if (k == "--devid") a.devid = PVHOST_TRY(value());
     else if (k == "--primary") a.primary = true;
     else if (k == "--send") a.send = std::stoull(PVHOST_TRY(value()));
+    else if (k == "--message") a.message = PVHOST_TRY(value());
     else if (k == "--chunk") a.chunk = std::stoul(PVHOST_TRY(value()));
     else if (k == "--echo") a.echo = true;
     else if (k == "--read-delay-ms") a.read_delay_ms = std::stoi(PVHOST_TRY(value()));
@@ -103,6 +106,9 @@ class Frontend {
       PVHOST_TRY(connect());
       say(fmt::format("connected {}", cycle + 1));
       if (!args_.hostile.empty()) return hostile();
+      // The echo queue is what step() writes into `out`, so a message rides on it.
+      if (cycle == 0 && !args_.message.empty())
+        for (char c : args_.message + "\r\n") echo_.push_back(static_cast<std::byte>(c));
       PVHOST_TRY(send_pattern());
       if (cycle + 1 < args_.cycles) {
         PVHOST_TRY(wait_drained());

@@ -158,14 +158,17 @@ TEST_CASE("a read-only disk serves reads and answers writes with an error", "[bl
   CHECK(w.value("errors", 0) == 20);
 }
 
-TEST_CASE("an unsupported format or a missing image closes the device with an error node", "[block][it]") {
+TEST_CASE("an unsupported format, a format that does not match the file, or a missing image closes the device with an error node", "[block][it]") {
   BlockEnv env;
   std::string img = env.make_image(1 << 20);
   auto q = env.add_disk(img, "xvdb", {{"format", "qcow2"}});
   auto m = env.add_disk("/nonexistent/disk.img", "xvdc");
+  auto u = env.add_disk(img, "xvdd", {{"format", "vmdk"}});
   env.start_pvhost();
   CHECK(env.wait_for(q.backend_path + "/state", "5"));
-  CHECK(env.read(q.backend_path + "/error").find("format 'qcow2' not supported yet") != std::string::npos);
+  CHECK(env.read(q.backend_path + "/error").find("not a qcow2 image") != std::string::npos);
+  CHECK(env.wait_for(u.backend_path + "/state", "5"));
+  CHECK(env.read(u.backend_path + "/error").find("format 'vmdk' is not supported") != std::string::npos);
   CHECK(env.wait_for(m.backend_path + "/state", "5"));
   CHECK(env.read(m.backend_path + "/error").find("/nonexistent/disk.img") != std::string::npos);
   CHECK(env.pvhost_running());
