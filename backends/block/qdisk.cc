@@ -239,10 +239,11 @@ nlohmann::json QdiskDevice::query_block_json() const {
   // The format layer's ImageInfo carries the backing chain (backing-image, nested), as
   // QEMU's inserted.image does; backing_file_depth counts it.
   if (auto* img = dynamic_cast<const block::Image*>(driver_.get())) {
-    j["image"] = block::image_info_json(*img);
+    nlohmann::json& inserted = j["inserted"];
+    inserted["image"] = block::image_info_json(*img);
     int depth = 0;
-    for (const nlohmann::json* b = &j["image"]; b->contains("backing-image"); b = &(*b)["backing-image"]) ++depth;
-    j["backing_file_depth"] = depth;
+    for (const nlohmann::json* b = &inserted["image"]; b->contains("backing-image"); b = &(*b)["backing-image"]) ++depth;
+    inserted["backing_file_depth"] = depth;
   }
   return j;
 }
