@@ -12,15 +12,13 @@ void register_block_backends(Registry& r);  // backends/block: qdisk, vbd
 void register_console_backends(Registry& r);  // backends/console: console
 #endif
 
-Registry make_registry() {
-  Registry r;
+void register_builtin_backends(Registry& r) {
 #if PVHOST_BACKEND_QDISK
   register_block_backends(r);
 #endif
 #if PVHOST_BACKEND_CONSOLE
   register_console_backends(r);
 #endif
-  return r;
 }
 
 }  // namespace pvhost

@@ -5,7 +5,6 @@
 //   connect:    reads frontend ring-ref and event-channel (unsigned integers, required) and
 //               echoes them as connected-ring-ref; bad values fail the connect
 //   disconnect: counts into the `disconnects` backend key
-#include "pvhost_config.h"
 #include "src/device/registry.h"
 
 namespace pvhost {
@@ -50,22 +49,12 @@ BackendType test_type(std::string_view name) {
 
 }  // namespace
 
-#if PVHOST_BACKEND_QDISK
-void register_block_backends(Registry& r);
-#endif
-#if PVHOST_BACKEND_CONSOLE
-void register_console_backends(Registry& r);
-#endif
+void register_builtin_backends(Registry& r);  // src/app/builtin_backends.cc
 
 // pvhost-test's registry: the built-in types plus the test types.
 Registry make_registry() {
   Registry r;
-#if PVHOST_BACKEND_QDISK
-  register_block_backends(r);
-#endif
-#if PVHOST_BACKEND_CONSOLE
-  register_console_backends(r);
-#endif
+  register_builtin_backends(r);
   r.add(test_type("testdev"));
   r.add(test_type("testdev2"));
   return r;
