@@ -40,6 +40,8 @@ Result<Params> parse_params(std::string_view params) {
   if (path.empty()) return fail(EINVAL, fmt::format("params '{}' has no path", params));
   auto f = block::parse_format(fmt_name);
   if (!f) return std::unexpected(std::move(f).error().add_context("params"));
+  // An NBD target is the whole spec (nbd:unix:/path[:exportname=N], nbd://host[:port]/export).
+  if (*f == block::Format::nbd) path = params;
   return Params{*f, std::string(path)};
 }
 

@@ -48,10 +48,14 @@ TEST_CASE("params: raw:, no prefix, colons in paths", "[blkif][config]") {
   CHECK_FALSE(parse_params("raw:"));
 }
 
-TEST_CASE("other formats are refused with a clear message", "[blkif][config]") {
-  auto p = parse_params("qcow2:/x.qcow2");
+TEST_CASE("params formats map as libxl writes them; unknown ones are refused with a clear message", "[blkif][config]") {
+  CHECK(parse_params("qcow2:/x.qcow2")->format == pvhost::block::Format::qcow2);
+  CHECK(parse_params("vhd:/x.vhd")->format == pvhost::block::Format::vpc);
+  CHECK(parse_params("nbd:unix:/run/n.sock:exportname=d")->path == "nbd:unix:/run/n.sock:exportname=d");
+  CHECK(parse_params("nbd://127.0.0.1:10809/d")->path == "nbd://127.0.0.1:10809/d");
+  auto p = parse_params("vmdk:/x.vmdk");
   REQUIRE_FALSE(p);
-  CHECK(p.error().what().find("format 'qcow2' not supported yet") != std::string::npos);
+  CHECK(p.error().what().find("format 'vmdk' is not supported (raw, qcow2, vhd, nbd)") != std::string::npos);
 }
 
 TEST_CASE("bad backend values are rejected naming the key", "[blkif][config]") {

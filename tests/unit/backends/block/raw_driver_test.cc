@@ -165,7 +165,8 @@ TEST_CASE("open_image: missing files and unsupported formats are clear errors", 
   REQUIRE_FALSE(missing);
   CHECK(missing.error().code() == ENOENT);
   CHECK(parse_format("aio").value() == Format::raw);
-  auto q = parse_format("qcow2");
+  CHECK(parse_format("qcow2").value() == Format::qcow2);
+  auto q = parse_format("vmdk");
   REQUIRE_FALSE(q);
-  CHECK(q.error().what() == "format 'qcow2' not supported yet");
+  CHECK(q.error().what() == "format 'vmdk' is not supported (raw, qcow2, vhd, nbd)");
 }
