@@ -138,9 +138,6 @@ int run(int argc, char** argv) {
     ready_pipe = std::move(*r);
   }
 
-  auto xen = open_xen(o);
-  if (!xen) return fail_start(xen.error());
-
   // Signals arrive through a signalfd on the main loop; block them before any thread starts.
   sigset_t mask;
   sigemptyset(&mask);
@@ -148,9 +145,12 @@ int run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &mask, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 
+  // The loop first: everything below registers with it, so it must be destroyed last.
   auto loop_r = EventLoop::create("main");
   if (!loop_r) return fail_start(loop_r.error());
   EventLoop& loop = **loop_r;
+  auto xen = open_xen(o);
+  if (!xen) return fail_start(xen.error());
   if (auto r = (*xen)->store().attach(loop); !r) return fail_start(r.error());
 
   UniqueFd sfd(::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));

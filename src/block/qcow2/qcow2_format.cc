@@ -204,7 +204,7 @@ Result<std::vector<std::byte>> build_header(const Header& h) {
     if (off + 8 + padded > cs) return false;
     store_be32(p + off, type);
     store_be32(p + off + 4, static_cast<uint32_t>(data.size()));
-    std::memcpy(p + off + 8, data.data(), data.size());
+    if (!data.empty()) std::memcpy(p + off + 8, data.data(), data.size());  // an empty view may be null
     off += 8 + padded;
     return true;
   };
