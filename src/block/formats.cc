@@ -170,6 +170,12 @@ Result<void> Image::check_range(uint64_t offset, uint64_t length) const {
   return {};
 }
 
+Result<Image::Allocation> Image::allocation(uint64_t offset, uint64_t length) {
+  PVHOST_TRY(check_range(offset, length));
+  if (length == 0) return fail(EINVAL, "allocation: empty range");
+  return Allocation{true, length};
+}
+
 Result<void> ChainGuard::enter(int fd, const std::string& path) {
   struct stat st {};
   if (::fstat(fd, &st) < 0) return fail_errno(fmt::format("fstat {}", path));

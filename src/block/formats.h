@@ -51,6 +51,18 @@ class Image : public BlockDriver {
   [[nodiscard]] virtual Result<void> discard_at(uint64_t offset, uint64_t length) = 0;
   [[nodiscard]] virtual ImageDetails details() const = 0;
   [[nodiscard]] virtual const Image* backing() const { return nullptr; }
+  // The same, for operations on the layer below (allocation(), reads): the chain owns it.
+  [[nodiscard]] Image* backing_image() { return const_cast<Image*>(std::as_const(*this).backing()); }
+
+  // Whether this image decides the bytes at `offset` itself (its own data, or zeroes it
+  // recorded) or leaves them to its backing file: the answer for the run of `bytes` > 0
+  // from `offset` (at most `length`, which must be > 0) that shares it. block-commit copies
+  // exactly the allocated runs. Images that cannot tell report everything allocated.
+  struct Allocation {
+    bool allocated = true;
+    uint64_t bytes = 0;
+  };
+  [[nodiscard]] virtual Result<Allocation> allocation(uint64_t offset, uint64_t length);
 
   [[nodiscard]] Result<uint64_t> refresh_size() override { return info().size_bytes; }
   [[nodiscard]] Result<std::unique_ptr<IoQueue>> open_queue(EventLoop& loop, unsigned depth,

@@ -237,6 +237,27 @@ class Qcow2Image final : public Image {
     return writeback();
   }
 
+  // Per cluster: unallocated L2 entries (no zero flag) fall through to the backing file.
+  Result<Allocation> allocation(uint64_t offset, uint64_t length) override {
+    PVHOST_TRY(check_range(offset, length));
+    if (length == 0) return fail(EINVAL, "allocation: empty range");
+    std::lock_guard lock(mu_);
+    Allocation a;
+    uint64_t done = 0;
+    while (done < length) {
+      const uint64_t guest = offset + done;
+      const L2Slot s = PVHOST_TRY(l2_slot(guest, false));
+      const ClusterMapping m = PVHOST_TRY(mapping(s));
+      const bool mine = m.kind != ClusterMapping::Kind::unallocated;
+      if (done == 0) a.allocated = mine;
+      else if (mine != a.allocated) break;
+      done += std::min<uint64_t>(length - done, cs_ - (guest & (cs_ - 1)));
+    }
+    a.bytes = done;
+    PVHOST_TRY(trim_caches());
+    return a;
+  }
+
  private:
   // ---- raw file access ----
   Result<void> read_exact(uint64_t off, std::span<std::byte> buf) {

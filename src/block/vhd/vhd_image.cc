@@ -149,6 +149,44 @@ class VhdImage final : public Image {
     return writeback();
   }
 
+  // Fixed disks own every byte; dynamic ones their allocated blocks; differencing ones the
+  // sectors whose bitmap bit is set.
+  Result<Allocation> allocation(uint64_t offset, uint64_t length) override {
+    PVHOST_TRY(check_range(offset, length));
+    if (length == 0) return fail(EINVAL, "allocation: empty range");
+    if (footer_.disk_type == vhd::kDiskFixed) return Allocation{true, length};
+    std::lock_guard lock(mu_);
+    Allocation a;
+    uint64_t done = 0;
+    auto extend = [&](bool mine, uint64_t n) {
+      if (done == 0) a.allocated = mine;
+      else if (mine != a.allocated) return false;
+      done += n;
+      return true;
+    };
+    while (done < length) {
+      const uint64_t pos = offset + done;
+      const uint64_t block = pos / dyn_.block_size;
+      const uint64_t in = pos % dyn_.block_size;
+      const uint64_t n = std::min<uint64_t>(length - done, dyn_.block_size - in);
+      if (bat_[block] == vhd::kBatUnused || footer_.disk_type == vhd::kDiskDynamic) {
+        if (!extend(bat_[block] != vhd::kBatUnused, n)) break;
+        continue;
+      }
+      auto* bm = PVHOST_TRY(bitmap(block));
+      const uint64_t end = pos + n;
+      bool stop = false;
+      for (uint64_t p = pos; p < end && !stop;) {
+        const uint64_t step = std::min<uint64_t>(end - p, kSector - p % kSector);
+        stop = !extend(bit(*bm, (p % dyn_.block_size) / kSector), step);
+        p += step;
+      }
+      if (stop) break;
+    }
+    a.bytes = done;
+    return a;
+  }
+
  private:
   Result<void> read_exact(uint64_t off, std::span<std::byte> buf) {
     const size_t got = PVHOST_TRY(read_full(fd_.get(), off, buf));

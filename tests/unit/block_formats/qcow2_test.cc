@@ -555,5 +555,44 @@ TEST_CASE("qcow2: backing chains that loop or go too deep are refused", "[qcow2]
   CHECK(err.find("missing.qcow2") != std::string::npos);
 }
 
+TEST_CASE("qcow2: allocation() agrees with qemu-img map on what the top layer owns", "[qcow2]") {
+  for (const char* cluster : {"4096", "65536", "2097152"}) {
+    DYNAMIC_SECTION("cluster size " << cluster) {
+      TempDir d;
+      run_ok(std::string("qemu-img create -q -f qcow2 -o cluster_size=") + cluster + " " + d.file("base.qcow2") + " 8M");
+      run_ok("qemu-io -c 'write -P 0x11 0 8M' " + d.file("base.qcow2") + " >/dev/null");
+      run_ok(std::string("qemu-img create -q -f qcow2 -o cluster_size=") + cluster +
+             " -b base.qcow2 -F qcow2 " + d.file("top.qcow2"));
+      // Data, a zero cluster (owned: it hides the backing data), and data again.
+      run_ok("qemu-io -c 'write -P 0x41 4096 8192' -c 'write -z 4194304 2097152' -c 'write -P 0x42 7340032 4096' " +
+             d.file("top.qcow2") + " >/dev/null");
+      const RunResult map = run("qemu-img map --output=json " + d.file("top.qcow2"));
+      REQUIRE(map.status == 0);
+      // Bytes owned by the top layer, per qemu-img (depth 0).
+      std::vector<bool> expected(8 * kMiB / 512, false);
+      for (const auto& e : nlohmann::json::parse(map.output))
+        if (e["depth"] == 0)
+          for (uint64_t s = e["start"].get<uint64_t>() / 512; s < (e["start"].get<uint64_t>() + e["length"].get<uint64_t>()) / 512; ++s)
+            expected[s] = true;
+      auto img = must_open("qcow2", d.file("top.qcow2"), ReadOnly::yes);
+      std::vector<bool> got(expected.size(), false);
+      uint64_t off = 0;
+      while (off < 8 * kMiB) {
+        auto a = img->allocation(off, 8 * kMiB - off);
+        REQUIRE(a);
+        REQUIRE(a->bytes > 0);
+        for (uint64_t s = off / 512; s < (off + a->bytes) / 512; ++s) got[s] = a->allocated;
+        off += a->bytes;
+      }
+      CHECK(got == expected);
+      CHECK(!img->allocation(8 * kMiB, 1));
+      // The base owns everything (no backing file below it).
+      auto a = img->backing_image()->allocation(0, 8 * kMiB);
+      REQUIRE(a);
+      CHECK((a->allocated && a->bytes == 8 * kMiB));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace pvhost::block::test

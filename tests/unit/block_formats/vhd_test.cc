@@ -198,5 +198,37 @@ TEST_CASE("vhd: hostile footers, headers and BATs give clear errors", "[vhd][hos
   }
 }
 
+TEST_CASE("vhd: allocation() follows the BAT and, for differencing disks, the sector bitmap", "[vhd]") {
+  TempDir d;
+  run_ok("qemu-img create -q -f vpc -o subformat=dynamic " + d.file("parent.vhd") + " 8M");
+  REQUIRE(create_vhd_differencing(d.file("child.vhd"), d.file("parent.vhd")));
+  auto img = must_open("vpc", d.file("child.vhd"));
+  const uint64_t size = img->info().size_bytes;
+  auto all = img->allocation(0, size);
+  REQUIRE(all);
+  CHECK((!all->allocated && all->bytes == size));
+  const auto data = pattern(1536, 4);
+  REQUIRE(img->write_at(2 * 512, data));  // sectors 2, 3, 4
+  auto a = img->allocation(0, size);
+  REQUIRE(a);
+  CHECK((!a->allocated && a->bytes == 1024));
+  a = img->allocation(1024, size - 1024);
+  REQUIRE(a);
+  CHECK((a->allocated && a->bytes == 1536));
+  a = img->allocation(2560, size - 2560);
+  REQUIRE(a);
+  CHECK((!a->allocated && a->bytes == size - 2560));
+  // A dynamic disk owns whole allocated blocks; unallocated ones read as zeroes.
+  auto parent = must_open("vpc", d.file("parent.vhd"));
+  a = parent->allocation(0, size);
+  REQUIRE(a);
+  CHECK(!a->allocated);
+  REQUIRE(parent->write_at(0, data));
+  a = parent->allocation(0, size);
+  REQUIRE(a);
+  CHECK(a->allocated);
+  CHECK(a->bytes < size);
+}
+
 }  // namespace
 }  // namespace pvhost::block::test
