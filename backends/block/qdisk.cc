@@ -98,7 +98,7 @@ Result<void> QdiskDevice::connect() {
     qp.persistent = frontend_.persistent;
     qp.limits = limits();
     qp.paused = paused_;
-    qp.driver = driver_.get();
+    qp.driver = active_driver();
     qp.stats = &stats_;
     qp.name = fmt::format("{} q{}", name(), i);
     // From the I/O thread: hand the violation to the main loop, where the device lives.
@@ -125,10 +125,21 @@ void QdiskDevice::disconnect() {
   queues_.clear();  // each drains its in-flight requests, answers them, unbinds, unmaps
 }
 
-void QdiskDevice::unrealize() { driver_.reset(); }
+void QdiskDevice::unrealize() {
+  if (commit_) {
+    // The queues are gone (disconnect ran first); the job ends with the device.
+    auto hooks = std::move(commit_->hooks);
+    commit_.reset();
+    ++commit_generation_;
+    log::info("{}: block-commit ended: the device is being removed", name());
+    if (hooks.on_removed) hooks.on_removed();
+  }
+  driver_.reset();
+}
 
 Result<uint64_t> QdiskDevice::resize() {
   if (!driver_) return fail(ENODEV, "no image open");
+  if (commit_) return fail(EBUSY, "a block-commit is running on this disk");
   const uint64_t bytes = PVHOST_TRY(driver_->refresh_size());
   const Limits l = limits();
   for (auto& q : queues_) q->set_limits(l);
@@ -143,6 +154,7 @@ Result<uint64_t> QdiskDevice::resize() {
 Result<void> QdiskDevice::snapshot(const std::string& overlay, SnapshotMode mode) {
   if (!paused_) return fail(EBUSY, "the device must be quiesced for a snapshot");
   if (!driver_) return fail(ENODEV, "no image is open");
+  if (commit_) return fail(EBUSY, "a block-commit is running on this disk");
   const auto info = driver_->info();
   // Everything the guest wrote must be in the current image before another driver opens it
   // as a backing file: a qcow2 driver holds metadata (L2, refcounts) until a flush.
@@ -169,6 +181,153 @@ Result<void> QdiskDevice::snapshot(const std::string& overlay, SnapshotMode mode
   // A restarted pvhost (or a reconnecting device) opens the active layer.
   PVHOST_TRY_CTX(write_backend("params", "qcow2:" + overlay), "recording the new chain");
   log::info("{}: snapshot: now writing to {}", name(), overlay);
+  return {};
+}
+
+block::BlockDriver* QdiskDevice::active_driver() const {
+  return commit_ ? commit_->tracking.get() : driver_.get();
+}
+
+Result<void> QdiskDevice::switch_queues(block::BlockDriver* to) {
+  for (auto& q : queues_) PVHOST_TRY(q->switch_driver(to));
+  return {};
+}
+
+std::vector<QdiskDevice::Layer> QdiskDevice::backing_chain() const {
+  std::vector<Layer> out;
+  const auto* top = dynamic_cast<const block::Image*>(driver_.get());
+  for (const block::Image* l = top ? top->backing() : nullptr; l != nullptr; l = l->backing())
+    out.push_back({l, l->path(), l->details().format});
+  return out;
+}
+
+Result<void> QdiskDevice::start_commit(const Layer& base, uint64_t speed, CommitHooks hooks) {
+  if (!paused_) return fail(EBUSY, "the device must be quiesced to start a commit");
+  if (commit_) return fail(EBUSY, "a block-commit is already running on this disk");
+  auto* top = dynamic_cast<block::Image*>(driver_.get());
+  if (top == nullptr || top->backing() == nullptr)
+    return fail(EINVAL, fmt::format("{} has no backing file: there is nothing to commit into", config_.path));
+  if (config_.read_only == block::ReadOnly::yes) return fail(EROFS, "the disk is read-only");
+  const block::Format format = PVHOST_TRY(block::parse_format(base.format));
+  block::OpenOptions o;
+  o.path = base.path;
+  o.read_only = block::ReadOnly::no;
+  o.direct = block::DirectIo::yes;
+  auto base_rw = PVHOST_TRY_CTX(block::open_any(base.format, o), fmt::format("opening the base {} read-write", base.path));
+  const uint64_t size = top->info().size_bytes;
+  if (base_rw->info().size_bytes != size)
+    return fail(EINVAL, fmt::format("the base {} is {} bytes, the disk {}: committing across a size change is not supported",
+                                    base.path, base_rw->info().size_bytes, size));
+  auto job = std::make_unique<ActiveCommit>();
+  // Granules of 64 KiB: qcow2's default cluster; a guest write marks at most two.
+  job->dirty = std::make_shared<block::DirtyBitmap>(size, 65536);
+  job->tracking = block::make_tracking_driver(*driver_, job->dirty);
+  job->base_path = base.path;
+  job->base_format = format;
+  job->hooks = std::move(hooks);
+  const uint64_t gen = ++commit_generation_;
+  // From the job's thread to the main loop, where the device lives.
+  auto to_main = [this, gen, alive = std::weak_ptr<bool>(alive_), &main = loop()](std::function<void(CommitHooks&)> fn) {
+    main.post([this, gen, alive, fn = std::move(fn)] {
+      if (!alive.lock() || gen != commit_generation_ || !commit_) return;
+      fn(commit_->hooks);
+    });
+  };
+  block::CommitSpec spec;
+  spec.top = top;
+  spec.base_in_chain = base.image;
+  spec.base = std::move(base_rw);
+  spec.dirty = job->dirty;
+  spec.speed = speed;
+  spec.on_ready = [to_main] {
+    to_main([](CommitHooks& h) {
+      if (h.on_ready) h.on_ready();
+    });
+  };
+  spec.on_error = [to_main](Error e) {
+    to_main([e = std::move(e)](CommitHooks& h) {
+      if (h.on_failed) h.on_failed(e);
+    });
+  };
+  // The queues are paused and drained, so no write can slip between the engine's scan of
+  // what the top owns and the tracking that follows.
+  job->engine = PVHOST_TRY(block::CommitEngine::start(std::move(spec)));
+  commit_ = std::move(job);
+  if (auto r = switch_queues(commit_->tracking.get()); !r) {
+    (void)switch_queues(driver_.get());  // best effort: back to the untracked top
+    commit_.reset();
+    return std::unexpected(std::move(r).error().add_context("switching queues to the tracked top"));
+  }
+  log::info("{}: block-commit: {} -> {} ({})", name(), config_.path, base.path, base.format);
+  return {};
+}
+
+std::optional<block::CommitProgress> QdiskDevice::commit_progress() const {
+  if (!commit_) return std::nullopt;
+  return commit_->engine->progress();
+}
+
+void QdiskDevice::commit_set_speed(uint64_t bytes_per_second) {
+  if (commit_) commit_->engine->set_speed(bytes_per_second);
+}
+void QdiskDevice::commit_pause() {
+  if (commit_) commit_->engine->pause();
+}
+void QdiskDevice::commit_resume() {
+  if (commit_) commit_->engine->resume();
+}
+
+void QdiskDevice::complete_commit(std::function<void(Result<void>)> done) {
+  if (!commit_) return done(fail(EINVAL, "no block-commit is running on this disk"));
+  if (!paused_) return done(fail(EBUSY, "the device must be quiesced to complete a commit"));
+  const uint64_t gen = commit_generation_;
+  commit_->engine->finish([this, gen, alive = std::weak_ptr<bool>(alive_), &main = loop(),
+                           done = std::move(done)](Result<std::unique_ptr<block::Image>> base) {
+    // On the job's thread; the switch happens on the main loop.
+    auto shared = std::make_shared<Result<std::unique_ptr<block::Image>>>(std::move(base));
+    main.post([this, gen, alive, done, shared] {
+      if (!alive.lock() || gen != commit_generation_ || !commit_) return;  // on_removed told the job
+      done(pivot(std::move(*shared)));
+    });
+  });
+}
+
+Result<void> QdiskDevice::pivot(Result<std::unique_ptr<block::Image>> base) {
+  // The worker has handed over the base and returns; the engine joins it.
+  std::unique_ptr<ActiveCommit> job = std::move(commit_);
+  ++commit_generation_;
+  auto back_to_top = [&](Error e) -> Result<void> {
+    if (auto r = switch_queues(driver_.get()); !r) log::error("{}: back to the top: {}", name(), r.error().describe());
+    return std::unexpected(std::move(e));
+  };
+  if (!base) return back_to_top(std::move(base).error().add_context("final copy"));
+  base->reset();  // flushed; closed before the base is reopened as the guest's disk
+  block::OpenOptions o;
+  o.path = job->base_path;
+  o.read_only = config_.read_only;
+  o.direct = block::DirectIo::yes;
+  auto next = block::open_image(job->base_format, o);
+  if (!next) return back_to_top(std::move(next).error().add_context(fmt::format("reopening {}", job->base_path)));
+  if (auto r = switch_queues(next->get()); !r) return back_to_top(std::move(r).error().add_context("switching queues to the base"));
+  const std::string old_top = config_.path;
+  config_.path = job->base_path;
+  config_.format = job->base_format;
+  job.reset();                 // the tracking wrapper and the engine, then
+  driver_ = std::move(*next);  // the old top and the layers above the base close
+  // A restarted pvhost (or a reconnecting device) opens the base from now on.
+  PVHOST_TRY_CTX(write_backend("params", fmt::format("{}:{}", block::to_string(config_.format), config_.path)),
+                 "recording the new chain");
+  log::info("{}: block-commit: {} committed; now writing to {}", name(), old_top, config_.path);
+  return {};
+}
+
+Result<void> QdiskDevice::abandon_commit() {
+  if (!commit_) return fail(EINVAL, "no block-commit is running on this disk");
+  if (!paused_) return fail(EBUSY, "the device must be quiesced to stop a commit");
+  PVHOST_TRY_CTX(switch_queues(driver_.get()), "switching queues back to the top");
+  commit_.reset();  // joins the job's thread
+  ++commit_generation_;
+  log::info("{}: block-commit stopped; still writing to {}", name(), config_.path);
   return {};
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "backends/block/dataplane.h"
 #include "backends/block/stats.h"
 #include "src/block/block_driver.h"
+#include "src/block/commit.h"
 #include "src/device/registry.h"
 
 namespace pvhost::blkif {
@@ -45,6 +47,39 @@ class QdiskDevice final : public XenDevice {
   enum class SnapshotMode { create, existing };
   [[nodiscard]] Result<void> snapshot(const std::string& overlay, SnapshotMode mode);
 
+  // ---- block-commit of the active layer (src/block/commit.h) ----
+  // One layer of the chain under the active image: file name as opened, and format.
+  struct Layer {
+    const block::Image* image = nullptr;
+    std::string path;
+    std::string format;  // "qcow2", "vpc", "raw"
+  };
+  // The backing chain below the active layer, nearest first (empty for a raw disk).
+  [[nodiscard]] std::vector<Layer> backing_chain() const;
+  // Called on the main loop. on_ready: the base holds the whole disk. on_failed: the copy
+  // failed (the guest's disk is unchanged; abandon_commit() ends the job). on_removed: the
+  // device went away, taking the job with it.
+  struct CommitHooks {
+    std::function<void()> on_ready;
+    std::function<void(Error)> on_failed;
+    std::function<void()> on_removed;
+  };
+  // While quiesced: opens `base` (a layer of backing_chain()) read-write, starts tracking
+  // the guest's writes and copying what the layers above the base own into it.
+  [[nodiscard]] Result<void> start_commit(const Layer& base, uint64_t speed, CommitHooks hooks);
+  [[nodiscard]] bool committing() const { return commit_ != nullptr; }
+  [[nodiscard]] std::optional<block::CommitProgress> commit_progress() const;
+  void commit_set_speed(uint64_t bytes_per_second);
+  void commit_pause();
+  void commit_resume();
+  // While quiesced: the final copy and flush (on the job's thread), then, on the main loop,
+  // the switch: every queue submits to the base, which is recorded in `params`; the layers
+  // above it leave the chain. `done` runs on the main loop. On failure the guest keeps
+  // the top (the job is over either way).
+  void complete_commit(std::function<void(Result<void>)> done);
+  // While quiesced: stops the job; the guest keeps the top, no longer tracked.
+  [[nodiscard]] Result<void> abandon_commit();
+
   void quiesce(std::function<void()> done) override;
   void resume() override;
   [[nodiscard]] nlohmann::json describe() const override;
@@ -58,10 +93,26 @@ class QdiskDevice final : public XenDevice {
  private:
   [[nodiscard]] Limits limits() const;
   [[nodiscard]] Result<void> write_features();
+  // What the queues submit to: the image, or the commit's tracking wrapper around it.
+  [[nodiscard]] block::BlockDriver* active_driver() const;
+  [[nodiscard]] Result<void> switch_queues(block::BlockDriver* to);
+  [[nodiscard]] Result<void> pivot(Result<std::unique_ptr<block::Image>> base);
+
+  struct ActiveCommit {
+    std::shared_ptr<block::DirtyBitmap> dirty;
+    std::unique_ptr<block::BlockDriver> tracking;  // wraps driver_
+    std::unique_ptr<block::CommitEngine> engine;   // reads driver_'s chain
+    std::string base_path;
+    block::Format base_format = block::Format::raw;
+    CommitHooks hooks;
+  };
 
   BlockConfig config_;
   std::unique_ptr<block::BlockDriver> driver_;
   BlockStats stats_;
+  // Destroyed before driver_ (the job reads it) and after queues_ (they submit to it).
+  std::unique_ptr<ActiveCommit> commit_;
+  uint64_t commit_generation_ = 0;  // bumped per job, so a stale report from a job's thread is ignored
   std::vector<std::unique_ptr<RingQueue>> queues_;
   FrontendConfig frontend_;
   uint32_t max_queues_ = 1;

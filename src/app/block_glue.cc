@@ -1,6 +1,7 @@
 #include "src/app/block_glue.h"
 
 #include "backends/block/qdisk.h"
+#include "src/app/block_jobs.h"
 #include "src/app/qmp_glue.h"
 
 namespace pvhost {
@@ -13,8 +14,8 @@ std::vector<blkif::QdiskDevice*> disks(const BackendHost& host) {
   return out;
 }
 
-// A disk by QMP `device` (the devid "51712", or the vdev "xvda", or "qdisk-51712") or by
-// `node-name` ("xvda-raw").
+}  // namespace
+
 blkif::QdiskDevice* find_disk(const BackendHost& host, const nlohmann::json& args) {
   for (auto* d : disks(host)) {
     if (args.contains("node-name") && args["node-name"] == d->node_name()) return d;
@@ -26,7 +27,8 @@ blkif::QdiskDevice* find_disk(const BackendHost& host, const nlohmann::json& arg
   return nullptr;
 }
 
-}  // namespace
+BlockCommands::BlockCommands(qmp::Server& server, BackendHost& host) : server_(server), host_(host) {}
+BlockCommands::~BlockCommands() = default;
 
 Result<std::unique_ptr<BlockCommands>> BlockCommands::install(qmp::Server& server, BackendHost& host) {
   std::unique_ptr<BlockCommands> bc(new BlockCommands(server, host));
@@ -92,6 +94,7 @@ Result<std::unique_ptr<BlockCommands>> BlockCommands::install(qmp::Server& serve
            shared->ok();
          });
        }}));
+  bc->jobs_ = PVHOST_TRY(BlockJobs::install(server, host));
   return bc;
 }
 

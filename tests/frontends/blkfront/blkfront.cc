@@ -14,6 +14,9 @@
 //     --span BYTES        region of the disk used (default: min(disk, 64 MiB))
 //     --no-verify         no pattern fill/check (benchmarks)
 //     --image PATH        after the workload, compare the image file with what was written
+//     --expect-out PATH   after the workload, write the disk's expected content (--span bytes)
+//                         as a raw file: each block as last written, never-written blocks as
+//                         zeroes (for a disk that started empty); an oracle for qemu-img compare
 //     --extras            also exercise FLUSH, WRITE_BARRIER (with and without data), DISCARD
 //     --hostile KIND      one hostile scenario (see hostile()); prints the statuses seen
 //   Floors for scripts/bench-block (no Xen involved):
@@ -77,6 +80,7 @@ struct Args {
   uint64_t span = 0;
   bool verify = true;
   std::string image;
+  std::string expect_out;
   bool extras = false;
   std::string hostile;
   bool stay = false;
@@ -112,6 +116,7 @@ Result<Args> parse(int argc, char** argv) {
       else if (k == "--span") a.span = std::stoull(PVHOST_TRY(value()));
       else if (k == "--no-verify") a.verify = false;
       else if (k == "--image") a.image = PVHOST_TRY(value());
+      else if (k == "--expect-out") a.expect_out = PVHOST_TRY(value());
       else if (k == "--extras") a.extras = true;
       else if (k == "--hostile") a.hostile = PVHOST_TRY(value());
       else if (k == "--stay") a.stay = true;
@@ -203,6 +208,7 @@ class Frontend {
         if (a_.abandon) return out;
       } else if (a_.extras) out["extras"] = PVHOST_TRY(extras());
       if (!a_.image.empty() && !backend_closing_) out["image_mismatches"] = PVHOST_TRY(check_image());
+      if (!a_.expect_out.empty()) PVHOST_TRY(write_expected());
     }
     out["queues"] = queues_.size();
     out["ring_order"] = order_;
@@ -660,6 +666,22 @@ class Frontend {
     if (!first_failure_.empty()) j["first_failure"] = first_failure_;
     if (!unknown_responses_.empty()) j["unknown_responses"] = unknown_responses_;
     return j;
+  }
+
+  // The disk as the workload left it, from the generations alone.
+  Result<void> write_expected() {
+    int fd = ::open(a_.expect_out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return fail_errno("open " + a_.expect_out);
+    std::vector<std::byte> buf(a_.bs);
+    Result<void> r;
+    for (uint64_t b = 0; b < block_gen_.size() && r; ++b) {
+      if (block_gen_[b] == 0) std::fill(buf.begin(), buf.end(), std::byte{0});
+      else fill_pattern(buf.data(), b * a_.bs, a_.bs, block_gen_[b]);
+      if (::pwrite(fd, buf.data(), a_.bs, static_cast<off_t>(b * a_.bs)) != static_cast<ssize_t>(a_.bs))
+        r = fail_errno("write " + a_.expect_out);
+    }
+    ::close(fd);
+    return r;
   }
 
   // Reads the image file directly and compares every block with a known generation.
