@@ -302,6 +302,55 @@ void set_refcount(std::span<std::byte> block, uint32_t order, uint64_t index, ui
   }
 }
 
+Result<RefcountTableGrowth> plan_refcount_table_growth(const Header& h, uint64_t start_cluster,
+                                                       uint64_t min_entries) {
+  const uint64_t cs = h.cluster_size();
+  const uint64_t per_block = h.refblock_entries();
+  const uint64_t per_table_cluster = cs / 8;
+  const uint64_t old_entries = h.refcount_table_bytes() / 8;
+  const uint64_t max_clusters = (uint64_t{1} << 56) / cs;
+  if (start_cluster / per_block < old_entries)
+    return fail(EINVAL,
+                fmt::format("new refcount area at cluster {} is inside what the old table covers",
+                            start_cluster));
+  if (start_cluster >= max_clusters)
+    return fail(ENOSPC, "no room for a larger refcount table below 2^56");
+  // Half as large again (QEMU's next_refcount_table_size does the same), but not past the
+  // limit when what is really needed still fits.
+  const uint64_t want = std::max(
+      {min_entries, std::min(old_entries + old_entries / 2, kMaxRefTableBytes / 8), uint64_t{1}});
+  auto clusters_for = [&](uint64_t entries) {
+    return entries / per_table_cluster + (entries % per_table_cluster != 0);
+  };
+  // The area [start, start + blocks + table) needs blocks for every table index it
+  // touches, and the table needs entries up to the last of them: both only grow, so this
+  // reaches a fixed point (bounded by the size checks).
+  uint64_t blocks = 1;
+  uint64_t table = clusters_for(want);
+  for (;;) {
+    if (table > kMaxRefTableBytes / cs)
+      return fail(ENOSPC, fmt::format("refcount table would need more than {} bytes (QEMU's "
+                                      "limit); the image cannot grow further",
+                                      kMaxRefTableBytes));
+    const uint64_t end =
+        start_cluster + blocks + table;  // no overflow: start < 2^47, the rest < 2^24
+    if (end > max_clusters) return fail(ENOSPC, "no room for a larger refcount table below 2^56");
+    const uint64_t last_index = (end - 1) / per_block;
+    const uint64_t need_blocks = last_index - start_cluster / per_block + 1;
+    const uint64_t need_table = clusters_for(std::max(want, last_index + 1));
+    if (need_blocks <= blocks && need_table <= table) break;
+    blocks = std::max(blocks, need_blocks);
+    table = std::max(table, need_table);
+  }
+  RefcountTableGrowth g;
+  g.blocks_offset = start_cluster * cs;
+  g.block_count = blocks;
+  g.first_block_index = start_cluster / per_block;
+  g.table_offset = (start_cluster + blocks) * cs;
+  g.table_clusters = static_cast<uint32_t>(table);  // <= 8 MiB / 512
+  return g;
+}
+
 Result<void> inflate_cluster(std::span<const std::byte> in, std::span<std::byte> out) {
   z_stream z{};
   if (inflateInit2(&z, -12) != Z_OK) return fail(ENOMEM, "inflateInit2");

@@ -130,6 +130,30 @@ void set_refcount(std::span<std::byte> block, uint32_t order, uint64_t index, ui
   return order >= 6 ? ~uint64_t{0} : (uint64_t{1} << (uint64_t{1} << order)) - 1;
 }
 
+// Where a grown refcount table and the refcount blocks covering it go (qcow2.txt "Host
+// cluster management": the table is contiguous, so growing it means moving it; every
+// cluster needs a refcount, the new table's and its refcount blocks' own included).
+// The new area starts at cluster `start_cluster`, which must lie past everything the
+// current table covers, so none of its refcount blocks exists yet: first `block_count`
+// refcount blocks, for table indices first_block_index.., then the table. The table
+// keeps the old entries, has at least `min_entries` and covers the whole area; it grows
+// at least by half (as QEMU's does) so that growing stays rare.
+struct RefcountTableGrowth {
+  uint64_t blocks_offset = 0;
+  uint64_t block_count = 0;
+  uint64_t first_block_index = 0;
+  uint64_t table_offset = 0;
+  uint32_t table_clusters = 0;
+  [[nodiscard]] uint64_t area_clusters() const { return block_count + table_clusters; }
+};
+
+// Plans that growth for an image with header `h`. Fails (ENOSPC) when the table would
+// exceed kMaxRefTableBytes or the area would end past 2^56 (qcow2.txt: metadata must lie
+// below 64 PB), and (EINVAL) when `start_cluster` is inside the current table's reach.
+[[nodiscard]] Result<RefcountTableGrowth> plan_refcount_table_growth(const Header& h,
+                                                                     uint64_t start_cluster,
+                                                                     uint64_t min_entries);
+
 // Inflates one compressed cluster (raw deflate, windowBits -12 per qcow2.txt
 // "Compressed Clusters Descriptor") into `out`, which must be filled exactly.
 [[nodiscard]] Result<void> inflate_cluster(std::span<const std::byte> in, std::span<std::byte> out);

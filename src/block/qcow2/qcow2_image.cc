@@ -51,6 +51,25 @@
 //   write acknowledged before a completed flush is on disk with its metadata.
 //   In-place writes to an allocated cluster (L2 entry with OFLAG_COPIED) change no
 //   metadata; the flush's fdatasync makes them durable.
+//
+//   Refcount table growth (in 1., when no free cluster is left inside what the refcount
+//   table covers; qcow2.txt "Host cluster management": the table is contiguous, so it
+//   moves, as QEMU's alloc_refcount_block moves it):
+//     g1. write the dirty refcount blocks (the new table points at every block the old
+//         one does, so they go first; they only hold increments and decrements of
+//         clusters nothing on disk references, which are safe to write at any time);
+//     g2. write, in one write, the new refcount blocks and then the new, larger table
+//         (the old entries plus the new blocks) past the end of the file and past all the
+//         old table covers; the new blocks count every cluster of that area;  fdatasync
+//     g3. write refcount_table_offset and refcount_table_clusters (header bytes 48-59,
+//         inside one sector);                                           fdatasync
+//     g4. drop the refcounts of the old table's clusters in the cache; they reach the
+//         disk with the next refcount-block write, and the clusters are reused at once
+//         (nothing on disk names them after g3).
+//   A crash before g3 leaves the old header and table: the area is unreferenced clusters
+//   outside what it covers, refcount 0 (not even a leak; the next growth goes past them).
+//   A crash after g3 leaves the new, complete table, and the old table leaked until g4
+//   is written. A failed or uncertain g3 stops all metadata writes (broken_).
 
 namespace pvhost::block {
 namespace {
@@ -312,12 +331,14 @@ class Qcow2Image final : public Image {
 
   // Adds `delta` to the cached refcount of `cluster`, creating its refcount block when it
   // has none (placed inside the range it describes, at a cluster other than `cluster`,
-  // and counting itself).
+  // and counting itself). `cluster` lies inside what the refcount table covers
+  // (alloc_cluster grows the table first; a decrement outside it is a refcount of 0).
   Result<void> add_refcount(uint64_t cluster, int delta) {
     const uint64_t per_block = h_.refblock_entries();
     const uint64_t rt_index = cluster / per_block;
     if (rt_index >= rt_.size())
-      return fail(ENOSPC, "refcount table full (growing it is not implemented); the image cannot grow further");
+      return fail(EIO,
+                  fmt::format("cluster {} is outside the refcount table (refcount 0)", cluster));
     uint64_t rb = rt_[rt_index] & qcow2::kRefTableOffsetMask;
     if (rb == 0) {
       if (delta < 0) return fail(EIO, fmt::format("refcount of cluster {} would drop below zero", cluster));
@@ -349,15 +370,78 @@ class Qcow2Image final : public Image {
   // Allocates one cluster (refcount 0 -> 1, in the cache); returns its host offset.
   Result<uint64_t> alloc_cluster() {
     const uint64_t limit = (uint64_t{1} << 56) / cs_;
-    for (uint64_t c = std::max<uint64_t>(free_hint_, 1); c < limit; ++c) {
-      if (PVHOST_TRY(refcount(c)) != 0) continue;
+    uint64_t c = std::max<uint64_t>(free_hint_, 1);
+    while (c < limit) {
+      if (c / h_.refblock_entries() >= rt_.size()) {
+        // Every cluster the table covers is taken. Growing it frees the old table's
+        // clusters (free_hint_ moves back to them) and uses the clusters of the new area.
+        PVHOST_TRY(grow_refcount_table(c));
+        c = std::max<uint64_t>(free_hint_, 1);
+        continue;
+      }
       // A hostile image may give its own tables refcount 0; never hand those out.
-      if (!check_clear_of_fixed_metadata(c * cs_, "free cluster")) continue;
+      if (PVHOST_TRY(refcount(c)) != 0 || !check_clear_of_fixed_metadata(c * cs_, "free cluster")) {
+        ++c;
+        continue;
+      }
       PVHOST_TRY(add_refcount(c, +1));
       free_hint_ = c + 1;
       return c * cs_;
     }
-    return fail(ENOSPC, "no free cluster");
+    return fail(ENOSPC, "no free cluster below 2^56");
+  }
+
+  // Moves the refcount table to a larger one that covers `cluster`: steps g1..g4 of the
+  // comment block at the top.
+  Result<void> grow_refcount_table(uint64_t cluster) {
+    if (broken_) return fail(EIO, fmt::format("{}: an earlier metadata writeback failed", path_));
+    const uint64_t per_block = h_.refblock_entries();
+    // Past the file's end (a crash during an earlier growth may have left an area there)
+    // and past all the old table covers (clusters allocated only in the caches lie inside).
+    const uint64_t start = std::max<uint64_t>(rt_.size() * per_block, (file_size_ + cs_ - 1) / cs_);
+    const qcow2::RefcountTableGrowth g =
+        PVHOST_TRY_CTX(qcow2::plan_refcount_table_growth(h_, start, cluster / per_block + 1),
+                       "growing the refcount table");
+    // g1.
+    PVHOST_TRY(write_dirty(rb_cache_));
+    // g2. Refcount blocks, then the table, as one buffer.
+    std::vector<std::byte> area(g.area_clusters() * cs_);
+    const std::span<std::byte> blocks = std::span(area).first(g.block_count * cs_);
+    for (uint64_t c = start; c < start + g.area_clusters(); ++c) {
+      const uint64_t b = c / per_block - g.first_block_index;
+      qcow2::set_refcount(blocks.subspan(b * cs_, cs_), h_.refcount_order, c % per_block, 1);
+    }
+    std::vector<uint64_t> rt = rt_;
+    rt.resize(uint64_t{g.table_clusters} * cs_ / 8, 0);
+    for (uint64_t b = 0; b < g.block_count; ++b)
+      rt[g.first_block_index + b] = g.blocks_offset + b * cs_;
+    std::byte* table = area.data() + g.block_count * cs_;
+    for (size_t i = 0; i < rt.size(); ++i) store_be64(table + i * 8, rt[i]);
+    PVHOST_TRY_CTX(write_file(g.blocks_offset, area), "writing a new refcount table");
+    PVHOST_TRY(sync());
+    // g3. refcount_table_offset (bytes 48-55) and refcount_table_clusters (56-59).
+    std::byte hdr[12];
+    store_be64(hdr, g.table_offset);
+    store_be32(hdr + 8, g.table_clusters);
+    auto switched = write_file(48, hdr);
+    if (switched) switched = sync();
+    if (!switched) {
+      broken_ = true;  // the header may name either table now: no further metadata writes
+      return with_context(std::move(switched), "switching to the new refcount table");
+    }
+    const uint64_t old_first = h_.refcount_table_offset / cs_;
+    const uint64_t old_clusters = h_.refcount_table_clusters;
+    h_.refcount_table_offset = g.table_offset;
+    h_.refcount_table_clusters = g.table_clusters;
+    rt_ = std::move(rt);
+    rt_dirty_.clear();  // the new table holds them
+    log::info("{}: refcount table grown to {} clusters at {:#x}", path_, g.table_clusters,
+              g.table_offset);
+    // g4.
+    for (uint64_t c = old_first; c < old_first + old_clusters; ++c)
+      PVHOST_TRY_CTX(add_refcount(c, -1), "freeing the old refcount table");
+    free_hint_ = std::min(free_hint_, old_first);
+    return {};
   }
 
   // Host clusters a mapping holds references to (released after the L2 writeback).
@@ -638,7 +722,8 @@ Result<void> create_qcow2(const std::string& path, uint64_t size, const Qcow2Cre
   h.l1_size = static_cast<uint32_t>(l1_size);
   const uint64_t l1_clusters = std::max<uint64_t>(1, (l1_size * 8 + cs - 1) / cs);
   // The refcount table is sized for a fully allocated image (data, L2 tables, refcount
-  // blocks, with slack), because this driver does not grow it (qemu-img does).
+  // blocks, with slack), so that it does not have to grow (grow_refcount_table) unless
+  // the image fills up past that, e.g. with many rewrites of compressed clusters.
   const uint64_t data_clusters = size / cs + 1;
   const uint64_t host_clusters = data_clusters + data_clusters / h.l2_entries() + 64 + l1_clusters;
   const uint64_t blocks = host_clusters / h.refblock_entries() + 2;
