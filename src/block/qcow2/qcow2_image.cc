@@ -256,21 +256,26 @@ class Qcow2Image final : public Image {
     return writeback();
   }
 
-  // Per cluster: unallocated L2 entries (no zero flag) fall through to the backing file.
+  // Per cluster: unallocated L2 entries (no zero flag) fall through to the backing file; a
+  // missing L2 table leaves its whole range to it. One call looks at a bounded number of L2
+  // entries (a run may be reported shorter than it is; callers continue from its end), so a
+  // hostile or huge image never makes one call walk for long.
   Result<Allocation> allocation(uint64_t offset, uint64_t length) override {
     PVHOST_TRY(check_range(offset, length));
     if (length == 0) return fail(EINVAL, "allocation: empty range");
     std::lock_guard lock(mu_);
     Allocation a;
     uint64_t done = 0;
-    while (done < length) {
+    const uint64_t l2_span = h_.l2_entries() << h_.cluster_bits;
+    for (unsigned looked = 0; done < length && looked < 65536; ++looked) {
       const uint64_t guest = offset + done;
       const L2Slot s = PVHOST_TRY(l2_slot(guest, false));
       const ClusterMapping m = PVHOST_TRY(mapping(s));
       const bool mine = m.kind != ClusterMapping::Kind::unallocated;
       if (done == 0) a.allocated = mine;
       else if (mine != a.allocated) break;
-      done += std::min<uint64_t>(length - done, cs_ - (guest & (cs_ - 1)));
+      const uint64_t step = s.table == nullptr ? l2_span - guest % l2_span : cs_ - (guest & (cs_ - 1));
+      done += std::min<uint64_t>(length - done, step);
     }
     a.bytes = done;
     PVHOST_TRY(trim_caches());
