@@ -347,8 +347,21 @@ class Qcow2Image final : public Image {
     uint64_t rb = rt_[rt_index] & qcow2::kRefTableOffsetMask;
     if (rb == 0) {
       if (delta < 0) return fail(EIO, fmt::format("refcount of cluster {} would drop below zero", cluster));
+      // The new block lives in its own range (which it then covers), next to `cluster`, and
+      // never on the header, the L1 table or the refcount table (a hostile image may leave
+      // those without a refcount block).
       const uint64_t first = rt_index * per_block;
-      const uint64_t self = cluster + 1 < first + per_block ? cluster + 1 : cluster - 1;
+      uint64_t self = first + per_block;  // none found yet
+      for (uint64_t d = 1; d < per_block && self == first + per_block; ++d) {
+        for (const uint64_t cand : {cluster + d, cluster - d}) {
+          if (cand < first || cand >= first + per_block) continue;
+          if (check_clear_of_fixed_metadata(cand * cs_, "refcount block")) {
+            self = cand;
+            break;
+          }
+        }
+      }
+      if (self == first + per_block) return fail(ENOSPC, fmt::format("no cluster for the refcount block covering cluster {}", cluster));
       rb = self * cs_;
       std::vector<std::byte> data(cs_);
       qcow2::set_refcount(data, h_.refcount_order, self - first, 1);

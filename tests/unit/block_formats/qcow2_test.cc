@@ -872,5 +872,30 @@ TEST_CASE("qcow2: allocation() agrees with qemu-img map on what the top layer ow
   }
 }
 
+TEST_CASE("qcow2: a refcount block is never placed on the L1 table, even when the image gives it no refcount", "[qcow2][hostile]") {
+  TempDir d;
+  const std::string img = d.file("t.qcow2");
+  run_ok("qemu-img create -q -f qcow2 " + img + " 1M");
+  // qemu-img's layout: header, refcount table (cluster 1), refcount block (2), L1 (3).
+  // Dropping the table's only entry leaves every cluster, the L1 table's too, at refcount 0.
+  patch_be(img, 65536, 0, 8);
+  const auto data = pattern(65536, 11);
+  {
+    auto w = must_open("qcow2", img);
+    REQUIRE(w->write_at(0, data));
+    REQUIRE(w->flush_all());
+  }
+  // The new refcount block went elsewhere (the L1 table is at 196608).
+  const auto file = read_file(img);
+  const uint64_t rb = load_be64(file.data() + 65536);
+  CHECK(rb != 0);
+  CHECK(rb != 65536);
+  CHECK(rb != 196608);
+  // The L1 table survived: qemu-img reads the written cluster back through it.
+  const auto back = qemu_img_raw("qcow2", img, d.file("out.raw"));
+  REQUIRE(back.size() == 1 << 20);
+  CHECK((std::vector<std::byte>(back.begin(), back.begin() + 65536) == data));
+}
+
 }  // namespace
 }  // namespace pvhost::block::test
