@@ -230,15 +230,20 @@ Result<void> BlockJobs::add_commands() {
            if (dev == nullptr) return shared->fail("the device went away before the commit started");
            const std::string job_id = job.id;
            blkif::QdiskDevice::CommitHooks hooks;
-           hooks.on_ready = [this, job_id] {
+           // The hooks may outlive this object at shutdown (devices go after the QMP glue).
+           hooks.on_ready = [this, alive, job_id] {
+             if (!alive.lock()) return;
              Job* j = find(job_id, nullptr);
              if (j == nullptr || j->ending) return;
              refresh(*j);
              set_status(*j, j->user_paused ? Status::standby : Status::ready);
              server_.emit_event("BLOCK_JOB_READY", event_data(*j));
            };
-           hooks.on_failed = [this, job_id](const Error& e) { stop_job(job_id, End::failed, e.what()); };
-           hooks.on_removed = [this, job_id] {
+           hooks.on_failed = [this, alive, job_id](const Error& e) {
+             if (alive.lock()) stop_job(job_id, End::failed, e.what());
+           };
+           hooks.on_removed = [this, alive, job_id] {
+             if (!alive.lock()) return;
              if (Job* j = find(job_id, nullptr); j != nullptr && !j->ending) {
                j->ending = true;
                set_status(*j, Status::aborting);
