@@ -333,6 +333,15 @@ Result<void> QdiskDevice::abandon_commit() {
 
 void QdiskDevice::quiesce(std::function<void()> done) {
   paused_ = true;
+  // Drained, then flushed, as QEMU's vm_stop does (bdrv_drain_all, bdrv_flush_all): a
+  // format driver holds metadata (qcow2 L2 tables and refcounts, the VHD BAT) until a
+  // flush, and a stopped guest's image must be whole for whoever reads it meanwhile.
+  done = [this, alive = std::weak_ptr<bool>(alive_), done = std::move(done)] {
+    if (alive.lock())
+      if (auto* img = dynamic_cast<block::Image*>(driver_.get()))
+        if (auto r = img->flush_all(); !r) log::error("{}: flushing on quiesce: {}", name(), r.error().describe());
+    done();
+  };
   if (queues_.empty()) {
     done();
     return;
