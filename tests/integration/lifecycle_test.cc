@@ -117,7 +117,7 @@ TEST_CASE("unplug while connected: online=0 state=5, the frontend closes, the ba
   g.fe_write(d, "state", "6");  // Linux blkfront: backend Closing -> frontend Closed
   toolstack.join();
   CHECK(host->read(d.backend_path + "/state").empty());  // removed by the toolstack
-  CHECK(wait_until([&] { return pv.log().find("unplugged") != std::string::npos; }));
+  CHECK(poll_until([&] { return pv.log().find("unplugged") != std::string::npos; }));
   INFO(pv.log());
 }
 
@@ -270,5 +270,5 @@ TEST_CASE("-S: device-model state waits for cont; -daemonize returns once ready"
   auto pid = std::stoi(run_command("cat " + pidfile).output);
   CHECK(host->read(dm(g.domid, "state")).empty());  // -S: not running until cont
   ::kill(pid, SIGTERM);
-  CHECK(wait_until([&] { return ::kill(pid, 0) != 0; }));
+  CHECK(poll_until([&] { return ::kill(pid, 0) != 0; }));
 }

@@ -11,7 +11,7 @@
 #include "tests/integration/block/block_env.h"
 
 using namespace pvhost;
-using namespace pvhost::blktest;
+using namespace pvhost::test;
 using namespace std::chrono_literals;
 
 namespace {
@@ -32,7 +32,7 @@ struct Disk {
     auto j = env.blkfront(dev.devid, args);
     INFO(j.dump());
     INFO(env.logs());
-    CHECK(env.pvhost_running());
+    CHECK(env.pvhost().running());
     return j;
   }
 };
@@ -171,7 +171,7 @@ TEST_CASE("an unsupported format, a format that does not match the file, or a mi
   CHECK(env.read(u.backend_path + "/error").find("format 'vmdk' is not supported") != std::string::npos);
   CHECK(env.wait_for(m.backend_path + "/state", "5"));
   CHECK(env.read(m.backend_path + "/error").find("/nonexistent/disk.img") != std::string::npos);
-  CHECK(env.pvhost_running());
+  CHECK(env.pvhost().running());
 }
 
 TEST_CASE("hostile frontend: every invalid field is answered, the device keeps working", "[block][it][hostile]") {
@@ -232,7 +232,7 @@ TEST_CASE("hostile frontend: a producer index more than a ring ahead closes the 
   auto j = d.run({"--hostile", "ring-overflow"});
   CHECK(j.value("backend_closed", false));
   CHECK(j.value("error", "").find("more than a ring") != std::string::npos);
-  CHECK(d.env.pvhost_running());
+  CHECK(d.env.pvhost().running());
   // The device recovers when the frontend reconnects.
   auto again = d.run({"--rw", "verify", "--bs", "4096", "--ops", "64", "--span", "1048576"});
   check_verified(again);
@@ -243,7 +243,7 @@ TEST_CASE("hostile frontend: requests after Closed are never answered", "[block]
   auto j = d.run({"--hostile", "after-closing"});
   CHECK(j.value("responses_after_closed", 99) == 0);
   CHECK(j.value("backend_state", "") == "6");
-  CHECK(d.env.pvhost_running());
+  CHECK(d.env.pvhost().running());
 }
 
 TEST_CASE("unplug with I/O in flight drains and the process lives on", "[block][it]") {
@@ -251,13 +251,13 @@ TEST_CASE("unplug with I/O in flight drains and the process lives on", "[block][
   std::vector<std::string> args = {"--rw", "randrw", "--bs", "65536", "--qd", "32", "--seconds", "30", "--no-verify"};
   SECTION("the frontend finishes its requests, then closes (blkfront)") {}
   SECTION("the frontend writes Closed with requests in flight (a dying guest)") { args.push_back("--abandon"); }
-  Child fe = d.env.start_blkfront(d.dev.devid, args);
+  Process fe = d.env.start_blkfront(d.dev.devid, args);
   REQUIRE(poll_until([&] { return d.env.read(d.dev.frontend_path + "/state") == "4"; }));
   std::this_thread::sleep_for(300ms);
   auto del = toolstack::device_del(d.env.xs(), d.dev, 10s);
   INFO(d.env.logs());
   CHECK(del);
   CHECK(fe.wait(15s).has_value());
-  CHECK(d.env.pvhost_running());
+  CHECK(d.env.pvhost().running());
   CHECK(d.env.read(d.dev.backend_path + "/state").empty());
 }

@@ -1,79 +1,30 @@
-// A small end-to-end environment for the console suite: pvhost-xenemu --strict in a temp
-// rundir, one guest domain created through the emulator's toolstack library, pvhost and
-// consfront as separate processes, xenstore as dom0 through the real libxenstore.
+// The console suite's environment: a guest on its own pvhost-xenemu --strict
+// (tests/integration/harness.h), served by pvhost -backends console, with consfront
+// (tests/frontends/consfront) as a separate process; and the byte-exact exchange over the
+// host side of a console (a pty or a unix socket).
 #pragma once
 
-#include <sys/types.h>
-
 #include <chrono>
-#include <functional>
-#include <memory>
+#include <cstddef>
+#include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "hw/xen/emu/guest/guest.h"
-#include "hw/xen/toolstack/devices.h"
-#include "hw/xen/xs_client.h"
+#include "tests/integration/harness.h"
 
 namespace pvhost::test {
 
-// A child with stdout+stderr in a file; SIGKILLed when destroyed if still running.
-class Child {
- public:
-  Child() = default;
-  Child(const std::vector<std::string>& argv, std::string log_path);
-  Child(Child&& o) noexcept;
-  Child& operator=(Child&& o) noexcept;
-  ~Child();
-  [[nodiscard]] pid_t pid() const { return pid_; }
-  [[nodiscard]] bool running();
-  // Exit status (or 128+signal); nullopt on timeout.
-  [[nodiscard]] std::optional<int> wait(std::chrono::milliseconds timeout);
-  [[nodiscard]] std::string log() const;
-  void kill_now();
-
- private:
-  pid_t pid_ = -1;
-  std::optional<int> status_;
-  std::string log_path_;
-};
-
-[[nodiscard]] bool poll_until(const std::function<bool()>& cond,
-                              std::chrono::milliseconds timeout = std::chrono::seconds(10));
-
-class ConsoleEnv {
+class ConsoleEnv : public GuestEnv {
  public:
   ConsoleEnv();
-  ~ConsoleEnv();
-  ConsoleEnv(const ConsoleEnv&) = delete;
-  ConsoleEnv& operator=(const ConsoleEnv&) = delete;
-
-  [[nodiscard]] const std::string& rundir() const { return rundir_; }
-  [[nodiscard]] DomId domid() const { return domid_; }
-  [[nodiscard]] xen::XsClient& xs() { return *xs_; }
-
   // toolstack::device_add of a console (devid 0 = primary) with extra settings.
   [[nodiscard]] toolstack::DeviceAddress add_console(const std::string& devid,
                                                      std::map<std::string, std::string> settings = {});
-  void start_pvhost(const std::vector<std::string>& extra = {});
-  [[nodiscard]] Child start_consfront(const std::vector<std::string>& args);
-  [[nodiscard]] std::string read(const std::string& path);
-  [[nodiscard]] bool wait_for(const std::string& path, const std::string& value,
-                              std::chrono::milliseconds timeout = std::chrono::seconds(10));
-  [[nodiscard]] Child& pvhost() { return pvhost_; }
-  // Everything logged so far, for failure messages.
-  [[nodiscard]] std::string logs();
-
- private:
-  std::string rundir_;
-  Child xenemu_;
-  Child pvhost_;
-  std::unique_ptr<xen::XsClient> xs_;
-  std::unique_ptr<xenemu::Toolstack> ts_;
-  DomId domid_;
-  int next_log_ = 0;
-  std::vector<std::string> log_files_;
+  [[nodiscard]] Process start_consfront(const std::vector<std::string>& args) {
+    return start_frontend("consfront", args);
+  }
 };
 
 // Byte-exact exchange over a connected fd (socket or pty slave): writes `total` bytes of
