@@ -28,7 +28,7 @@ def case_snapshots_then_commit(env):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(DISK)], check=True)
     env.add_disk(base, "qcow2")
     qmp = env.start_pvhost()
-    guest = env.blkfront("--rw", "verify", "--qd", "16", "--span", str(DISK), "--seconds", "6",
+    guest = env.blkfront("--rw", "verify", "--qd", "16", "--span", str(DISK), "--seconds", "10",
                          "--expect-out", env.path("expected.raw"))
     snaps = []
     for i in range(1, 4):
@@ -78,6 +78,10 @@ def case_snapshots_then_commit(env):
     return f"{r['ops']} verified ops, 3 snapshots, committed into the base"
 
 
+def wr_operations(qmp):
+    return sum(d["stats"]["wr_operations"] for d in qmp.cmd("query-blockstats"))
+
+
 def case_commit_into_middle_and_cancel(env):
     """Commit into a middle layer with `base`; cancels before and after READY leave the top."""
     base = env.path("base.qcow2")
@@ -88,7 +92,7 @@ def case_commit_into_middle_and_cancel(env):
     assert "no backing file" in qmp.error("block-commit", {"device": "xvda"})
     assert "Cannot find device" in qmp.error("block-commit", {"device": "xvdz"})
     assert "not found" in qmp.error("block-job-complete", {"device": "nosuchjob"})
-    guest = env.blkfront("--rw", "verify", "--qd", "8", "--span", str(DISK), "--seconds", "6",
+    guest = env.blkfront("--rw", "verify", "--qd", "8", "--span", str(DISK), "--seconds", "8",
                          "--expect-out", env.path("expected.raw"))
     time.sleep(0.5)
     mid, top = env.path("mid.qcow2"), env.path("top.qcow2")
@@ -97,7 +101,11 @@ def case_commit_into_middle_and_cancel(env):
     qmp.cmd("blockdev-snapshot-sync", {"device": "xvda", "snapshot-file": top})
     assert "Can't find" in qmp.error("block-commit", {"device": "xvda", "base": env.path("other.qcow2")})
     assert "only the active layer" in qmp.error("block-commit", {"device": "xvda", "top": mid})
-    # Slow enough (64 KiB/s) that it cannot be ready before the cancel.
+    # The top must own data before a slow (64 KiB/s) commit starts, or the job is ready at
+    # once: wait for the guest to have written at least 32 requests into it (on a loaded
+    # machine, under ASan, 0.5 s may see none).
+    written = wr_operations(qmp)
+    assert poll(lambda: wr_operations(qmp) >= written + 32, timeout=30), "the guest stopped writing"
     qmp.cmd("block-commit", {"device": "xvda", "base": mid, "speed": 65536})
     assert "cannot accept command verb 'complete'" in qmp.error("block-job-complete", {"device": "xvda"})
     qmp.cmd("block-job-pause", {"device": "xvda"})
