@@ -27,6 +27,17 @@
 //     --stay              stay connected until the backend closes
 //     --abandon           when the backend starts closing mid-workload, write Closed at once,
 //                         leaving requests in flight (a crashed guest); default: finish them
+//   Crash consistency (the backend is killed under the workload):
+//     --flush-every N     in the workload, a FLUSH_DISKCACHE after every N writes started
+//                         (one flush in flight at a time)
+//     --stall-exit S      end the workload when requests are in flight and none has completed
+//                         for S seconds (a dead backend); prints "stalled": true and skips close
+//     --durable-out PATH  after the workload, write what a crash may leave, as JSON: per written
+//                         block, the generation a completed flush made durable (0: none) and
+//                         every generation issued to it (the later ones may or may not be there)
+//     --check-crash LOG --image RAW   no guest: check a raw image against a --durable-out LOG;
+//                         every 512-byte sector of a logged block must hold its durable
+//                         generation or one issued after it (zeroes if nothing was durable)
 #include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
@@ -39,6 +50,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <optional>
 #include <random>
@@ -88,6 +100,10 @@ struct Args {
   std::string floor_direct;
   uint64_t floor_notify = 0;
   uint32_t seed = 1;
+  uint64_t flush_every = 0;
+  double stall_exit = 0;
+  std::string durable_out;
+  std::string check_crash;
 };
 
 Result<Args> parse(int argc, char** argv) {
@@ -124,12 +140,20 @@ Result<Args> parse(int argc, char** argv) {
       else if (k == "--floor-direct") a.floor_direct = PVHOST_TRY(value());
       else if (k == "--floor-notify") a.floor_notify = std::stoull(PVHOST_TRY(value()));
       else if (k == "--seed") a.seed = static_cast<uint32_t>(std::stoul(PVHOST_TRY(value())));
+      else if (k == "--flush-every") a.flush_every = std::stoull(PVHOST_TRY(value()));
+      else if (k == "--stall-exit") a.stall_exit = std::stod(PVHOST_TRY(value()));
+      else if (k == "--durable-out") a.durable_out = PVHOST_TRY(value());
+      else if (k == "--check-crash") a.check_crash = PVHOST_TRY(value());
       else return fail(EINVAL, "unknown option " + k);
     } catch (const std::exception&) {
       return fail(EINVAL, "bad value for " + k);
     }
   }
   if (!a.floor_direct.empty() || a.floor_notify != 0) return a;
+  if (!a.check_crash.empty()) {
+    if (a.image.empty()) return fail(EINVAL, "--check-crash needs --image");
+    return a;
+  }
   if (a.rundir.empty() || a.devid.empty()) return fail(EINVAL, "--rundir, --domid and --devid are required");
   if (a.bs < 512 || a.bs > (1u << 20) || a.bs % 512 != 0) return fail(EINVAL, "--bs must be 512..1048576, a multiple of 512");
   if (a.qd < 1 || a.qd > 128) return fail(EINVAL, "--qd must be 1..128");
@@ -183,6 +207,7 @@ struct Io {
   bool failed = false;
   uint64_t start = 0;
   bool active = false;
+  bool flush = false;  // a FLUSH_DISKCACHE (block, off, len unused)
 };
 
 class Frontend {
@@ -203,6 +228,8 @@ class Frontend {
       out = PVHOST_TRY(hostile());
     } else {
       out = PVHOST_TRY(workload());
+      if (!a_.durable_out.empty()) PVHOST_TRY(write_durable());
+      if (stalled_) return out;  // the backend is dead: nothing more to say to it
       if (backend_closing_) {
         out["backend_closed_during_workload"] = true;
         if (a_.abandon) return out;
@@ -521,6 +548,19 @@ class Frontend {
   void complete_part(Slot& s) {
     Io& io = ios_[static_cast<size_t>(s.io)];
     if (s.status != BLKIF_RSP_OKAY) io.failed = true;
+    if (io.flush) {
+      // Every write completed before this flush was issued is now durable.
+      io.active = false;
+      flush_active_ = false;
+      ++completed_;
+      if (io.failed) {
+        ++errors_;
+      } else {
+        ++flushes_;
+        for (size_t b = 0; b < durable_.size(); ++b) durable_[b] = std::max(durable_[b], flush_snapshot_[b]);
+      }
+      return;
+    }
     if (!io.write && a_.verify && !io.failed) {
       const uint32_t gen = block_gen_[io.block];
       if (gen != 0) {
@@ -560,6 +600,7 @@ class Frontend {
     const uint64_t nblocks = span_ / a_.bs;
     if (nblocks == 0) return fail(EINVAL, "span smaller than one block");
     Io& io = ios_[slot_index];
+    if (a_.flush_every != 0 && writes_since_flush_ >= a_.flush_every && !flush_active_) return start_flush(slot_index);
     const std::string& rw = a_.rw;
     bool write = false;
     uint64_t block = 0;
@@ -595,7 +636,11 @@ class Frontend {
       if (!Q.slots[i].busy) free.push_back(i);
     if (free.size() < reqs_per_io_) return false;
     io = Io{write, block, block * a_.bs, a_.bs, 0, static_cast<int>(reqs_per_io_), false, now_ns(), true};
-    if (write) io.gen = ++gen_counter_;
+    if (write) {
+      io.gen = ++gen_counter_;
+      ++writes_since_flush_;
+      if (!a_.durable_out.empty()) issued_[block].push_back(io.gen);
+    }
     busy_blocks_.insert(block);
     ++started_;
     const uint64_t step = max_req_bytes();
@@ -610,12 +655,47 @@ class Frontend {
     return true;
   }
 
+  Result<bool> start_flush(size_t slot_index) {
+    Queue& Q = queues_[slot_index % queues_.size()];
+    size_t si = Q.slots.size();
+    for (size_t i = 0; i < Q.slots.size() && si == Q.slots.size(); ++i)
+      if (!Q.slots[i].busy) si = i;
+    if (si == Q.slots.size()) return false;
+    Io& io = ios_[slot_index];
+    io = Io{};
+    io.flush = true;
+    io.remaining = 1;
+    io.start = now_ns();
+    io.active = true;
+    flush_active_ = true;
+    writes_since_flush_ = 0;
+    flush_snapshot_ = block_gen_;
+    Q.slots[si].io = static_cast<int>(slot_index);
+    PVHOST_TRY(issue(Q, si, BLKIF_OP_FLUSH_DISKCACHE, 0, 0));
+    return true;
+  }
+
+  // What a crash of the backend may leave: see --durable-out.
+  Result<void> write_durable() {
+    nlohmann::json blocks = nlohmann::json::array();
+    for (const auto& [b, gens] : issued_) blocks.push_back({b, durable_[b], gens});
+    const nlohmann::json j = {{"bs", a_.bs}, {"flushes", flushes_}, {"blocks", blocks}};
+    FILE* f = std::fopen(a_.durable_out.c_str(), "we");
+    if (!f) return fail_errno("open " + a_.durable_out);
+    const std::string text = j.dump();
+    const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    if (std::fclose(f) != 0 || !ok) return fail_errno("write " + a_.durable_out);
+    return {};
+  }
+
   Result<nlohmann::json> workload() {
     rng_.seed(a_.seed);
     block_gen_.assign(span_ / a_.bs, 0);
+    durable_.assign(span_ / a_.bs, 0);
     if (a_.rw == "verify" && a_.ops < 2 * (span_ / a_.bs)) a_.ops = 2 * (span_ / a_.bs) + a_.ops;
     ios_.assign(a_.qd, Io{});
     t0_ = now_ns();
+    last_progress_ = t0_;
     for (;;) {
       bool started_any = false;
       for (size_t i = 0; i < ios_.size(); ++i) {
@@ -628,6 +708,11 @@ class Frontend {
       if (!any_active && !more_to_start()) break;
       size_t got = 0;
       for (auto& Q : queues_) got += PVHOST_TRY(reap(Q));
+      if (got != 0 || !any_active) last_progress_ = now_ns();
+      if (a_.stall_exit > 0 && now_ns() - last_progress_ > static_cast<uint64_t>(a_.stall_exit * 1e9)) {
+        stalled_ = true;
+        break;
+      }
       bool quiet = false;
       if (got == 0 && any_active) quiet = !PVHOST_TRY(wait_events(100ms));
       // Unplug (blkfront's backend_changed: Closing): start nothing new, let what is in
@@ -663,6 +748,8 @@ class Frontend {
         {"end_access_failures", end_access_failures_},
     };
     if (a_.abandon) j["in_flight_at_abandon"] = in_flight_at_abandon_;
+    if (a_.flush_every != 0) j["flushes"] = flushes_;
+    if (stalled_) j["stalled"] = true;
     if (!first_failure_.empty()) j["first_failure"] = first_failure_;
     if (!unknown_responses_.empty()) j["unknown_responses"] = unknown_responses_;
     return j;
@@ -957,7 +1044,72 @@ class Frontend {
   bool backend_closing_ = false;
   std::string first_failure_;
   std::vector<std::string> unknown_responses_;
+  // Crash consistency (--flush-every, --durable-out, --stall-exit).
+  std::vector<uint32_t> durable_;         // per block: the generation a completed flush covers
+  std::vector<uint32_t> flush_snapshot_;  // block_gen_ when the flush in flight was issued
+  std::map<uint64_t, std::vector<uint32_t>> issued_;  // per block: every generation issued
+  uint64_t writes_since_flush_ = 0, flushes_ = 0, last_progress_ = 0;
+  bool flush_active_ = false, stalled_ = false;
 };
+
+// --check-crash: does a raw image hold, in every 512-byte sector of every logged block, the
+// durable generation or one issued after it? (A crash keeps or loses each write whole per
+// sector; it may never lose one a completed flush covered.)
+Result<nlohmann::json> check_crash(const Args& a) {
+  std::ifstream in(a.check_crash);
+  if (!in) return fail(ENOENT, "cannot read " + a.check_crash);
+  nlohmann::json log;
+  try {
+    log = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    return fail(EINVAL, fmt::format("{}: {}", a.check_crash, e.what()));
+  }
+  const uint64_t bs = log.at("bs").get<uint64_t>();
+  int fd = ::open(a.image.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail_errno("open " + a.image);
+  std::vector<std::byte> buf(bs), want(512);
+  uint64_t blocks = 0, durable_blocks = 0, lost = 0, foreign = 0, later = 0;
+  std::string first;
+  for (const auto& entry : log.at("blocks")) {
+    const uint64_t b = entry.at(0).get<uint64_t>();
+    const uint32_t durable = entry.at(1).get<uint32_t>();
+    std::vector<uint32_t> allowed;
+    for (uint32_t g : entry.at(2)) if (g > durable) allowed.push_back(g);
+    ++blocks;
+    if (durable != 0) ++durable_blocks;
+    if (::pread(fd, buf.data(), bs, static_cast<off_t>(b * bs)) != static_cast<ssize_t>(bs)) {
+      ::close(fd);
+      return fail(EIO, fmt::format("{}: block {} is past the end", a.image, b));
+    }
+    for (uint64_t sec = 0; sec < bs; sec += 512) {
+      const std::byte* got = buf.data() + sec;
+      const uint64_t off = b * bs + sec;
+      auto holds = [&](uint32_t g) {
+        if (g != 0) return check_pattern(got, off, 512, g) == 512;
+        return std::all_of(got, got + 512, [](std::byte x) { return x == std::byte{0}; });
+      };
+      if (holds(durable)) continue;
+      if (std::any_of(allowed.begin(), allowed.end(), holds)) {
+        ++later;
+        continue;
+      }
+      // Neither: a flushed write is lost (an older generation is there) or junk.
+      bool older = false;
+      for (uint32_t g : entry.at(2)) older = older || (g < durable && holds(g));
+      older = older || (durable != 0 && holds(0));
+      ++(older ? lost : foreign);
+      if (first.empty())
+        first = fmt::format("offset {} (block {}): {} (durable generation {})", off, b,
+                            older ? "an older generation: a flushed write is lost" : "data no write put there", durable);
+    }
+  }
+  ::close(fd);
+  nlohmann::json j = {{"ok", lost == 0 && foreign == 0}, {"blocks", blocks}, {"durable_blocks", durable_blocks},
+                      {"flushes", log.value("flushes", 0)}, {"sectors_lost", lost}, {"sectors_foreign", foreign},
+                      {"sectors_newer_than_durable", later}};
+  if (!first.empty()) j["first_failure"] = first;
+  return j;
+}
 
 // The I/O floor: the workload's shape as io_uring O_DIRECT on the file itself.
 Result<nlohmann::json> floor_direct(const Args& a) {
@@ -1054,8 +1206,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "blkfront: %s\n", args.error().what().c_str());
     return 2;
   }
-  if (!args->floor_direct.empty() || args->floor_notify != 0) {
-    auto r = !args->floor_direct.empty() ? floor_direct(*args) : floor_notify(args->floor_notify);
+  if (!args->floor_direct.empty() || args->floor_notify != 0 || !args->check_crash.empty()) {
+    auto r = !args->check_crash.empty()    ? check_crash(*args)
+             : !args->floor_direct.empty() ? floor_direct(*args)
+                                           : floor_notify(args->floor_notify);
     if (!r) {
       std::printf("%s\n", nlohmann::json{{"ok", false}, {"error", r.error().describe()}}.dump().c_str());
       return 1;
