@@ -180,6 +180,7 @@ class EventChannels {
   // Readable when a port of this handle is pending.
   [[nodiscard]] virtual int fd() const = 0;
   // The next pending port (now masked until unmask), or nullopt when none is pending.
+  // Never blocks.
   [[nodiscard]] virtual Result<std::optional<Port>> pending() = 0;
   [[nodiscard]] virtual Result<void> restrict_to(DomId domid) = 0;
 };

@@ -1,5 +1,6 @@
 // The real Xen implementation of the interface layer, over libxenstore, libxenevtchn,
 // libxengnttab, libxenforeignmemory, libxendevicemodel and libxenctrl.
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
@@ -281,6 +282,12 @@ class RealXen final : public Xen {
     xenevtchn_handle* h = xenevtchn_open(quiet_logger(), 0);
     if (h == nullptr) return fail_errno("open /dev/xen/evtchn");
     auto ch = std::make_unique<RealEventChannels>(h);
+    // libxenevtchn opens /dev/xen/evtchn blocking; pending() must not block (callers drain
+    // it until nothing is left, as the emulated channels allow). Found on real Xen: the
+    // second pending() of the first event blocked the queue's thread for good.
+    const int fd = xenevtchn_fd(h);
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) return fail_errno("evtchn fd O_NONBLOCK");
     if (restricted_) PVHOST_TRY(ch->restrict_to(*restricted_));
     return ch;
   }
