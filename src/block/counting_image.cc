@@ -10,8 +10,9 @@ namespace pvhost::block {
 namespace {
 
 uint64_t now_ns() {
-  return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
 }
 
 void raise_to(std::atomic<uint64_t>& a, uint64_t v) {
@@ -34,7 +35,9 @@ void NodeCounters::completed(IoClass c, uint64_t bytes, uint64_t ns, bool ok) {
   a.total_time_ns.fetch_add(ns, std::memory_order_relaxed);
 }
 
-void NodeCounters::wrote_up_to(uint64_t end) { raise_to(wr_highest_, end); }
+void NodeCounters::wrote_up_to(uint64_t end) {
+  raise_to(wr_highest_, end);
+}
 
 NodeIoStats NodeCounters::snapshot() const {
   NodeIoStats s;
@@ -89,8 +92,12 @@ Image* unwrap_counting(Image* image) {
   return image;
 }
 
-CountingImage* as_counting(BlockDriver* driver) { return dynamic_cast<CountingImage*>(driver); }
-const CountingImage* as_counting(const BlockDriver* driver) { return dynamic_cast<const CountingImage*>(driver); }
+CountingImage* as_counting(BlockDriver* driver) {
+  return dynamic_cast<CountingImage*>(driver);
+}
+const CountingImage* as_counting(const BlockDriver* driver) {
+  return dynamic_cast<const CountingImage*>(driver);
+}
 
 std::string generate_node_name() {
   static std::atomic<uint64_t> next{1};

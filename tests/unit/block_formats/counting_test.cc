@@ -82,7 +82,8 @@ TEST_CASE("counting: every layer open_any opens counts its own reads and writes"
   CHECK(stats_of(top.get()).of(IoClass::rd).failed == 1);
 }
 
-TEST_CASE("counting: a differencing VHD's parent counts the reads that fall through to it", "[counting]") {
+TEST_CASE("counting: a differencing VHD's parent counts the reads that fall through to it",
+          "[counting]") {
   TempDir d;
   run_ok("qemu-img create -q -f vpc -o subformat=dynamic " + d.file("parent.vhd") + " 4M");
   run_ok("qemu-io -f vpc -c 'write -P 0x5a 0 65536' " + d.file("parent.vhd") + " >/dev/null");
