@@ -3,6 +3,9 @@
 #include "src/block/formats.h"
 #include "src/block/qcow2/qcow2_image.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <thread>
 
 #include <fmt/format.h>
@@ -40,6 +43,7 @@ Result<void> QdiskDevice::realize() {
   // straight from granted pages, which we never do).
   o.direct = block::DirectIo::yes;
   driver_ = PVHOST_TRY_CTX(block::open_image(config_.format, o), fmt::format("opening {}", config_.path));
+  adopt_chain();
   const auto info = driver_->info();
   log::info("{}: {} image {} ({} bytes{}{})", name(), info.format, config_.path, info.size_bytes,
             info.read_only ? ", read-only" : "", info.direct_io ? ", O_DIRECT" : "");
@@ -151,7 +155,7 @@ Result<uint64_t> QdiskDevice::resize() {
   return bytes;
 }
 
-Result<void> QdiskDevice::snapshot(const std::string& overlay, SnapshotMode mode) {
+Result<void> QdiskDevice::snapshot(const std::string& overlay, SnapshotMode mode, const std::string& node_name) {
   if (!paused_) return fail(EBUSY, "the device must be quiesced for a snapshot");
   if (!driver_) return fail(ENODEV, "no image is open");
   if (commit_) return fail(EBUSY, "a block-commit is running on this disk");
@@ -178,6 +182,10 @@ Result<void> QdiskDevice::snapshot(const std::string& overlay, SnapshotMode mode
   driver_ = std::move(next);  // the old top is closed; the overlay holds the chain below it
   config_.path = overlay;
   config_.format = block::Format::qcow2;
+  // The overlay is the active layer, under its snapshot-node-name or the device's name;
+  // the old top (opened again as its backing file) keeps its counters.
+  user_node_name_ = node_name;
+  adopt_chain();
   // A restarted pvhost (or a reconnecting device) opens the active layer.
   PVHOST_TRY_CTX(write_backend("params", "qcow2:" + overlay), "recording the new chain");
   log::info("{}: snapshot: now writing to {}", name(), overlay);
@@ -214,6 +222,7 @@ Result<void> QdiskDevice::start_commit(const Layer& base, uint64_t speed, Commit
   o.read_only = block::ReadOnly::no;
   o.direct = block::DirectIo::yes;
   auto base_rw = PVHOST_TRY_CTX(block::open_any(base.format, o), fmt::format("opening the base {} read-write", base.path));
+  share_counters(*base_rw);  // the job's writes into the base count on the base's node
   const uint64_t size = top->info().size_bytes;
   if (base_rw->info().size_bytes != size)
     return fail(EINVAL, fmt::format("the base {} is {} bytes, the disk {}: committing across a size change is not supported",
@@ -314,6 +323,8 @@ Result<void> QdiskDevice::pivot(Result<std::unique_ptr<block::Image>> base) {
   config_.format = job->base_format;
   job.reset();                 // the tracking wrapper and the engine, then
   driver_ = std::move(*next);  // the old top and the layers above the base close
+  user_node_name_.clear();     // the base is the active layer now (adopt_chain names it)
+  adopt_chain();
   // A restarted pvhost (or a reconnecting device) opens the base from now on.
   PVHOST_TRY_CTX(write_backend("params", fmt::format("{}:{}", block::to_string(config_.format), config_.path)),
                  "recording the new chain");
@@ -363,13 +374,121 @@ void QdiskDevice::resume() {
   for (auto& q : queues_) q->resume();
 }
 
+namespace {
+
+// A file's identity, so the same layer is recognised when it is opened again under
+// another spelling of its name; an NBD export is known by its spec.
+std::string file_key(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) return fmt::format("{}:{}", st.st_dev, st.st_ino);
+  return path;
+}
+
+BlockStatsSnapshot node_snapshot(const block::NodeCounters& c) {
+  const block::NodeIoStats n = c.snapshot();
+  BlockStatsSnapshot s;
+  auto copy = [&](StatClass to, block::IoClass from) {
+    const auto& f = n.of(from);
+    ClassStats& t = s.cls[static_cast<size_t>(to)];
+    t.operations = f.operations;
+    t.bytes = f.bytes;
+    t.total_time_ns = f.total_time_ns;
+    t.failed = f.failed;
+  };
+  copy(StatClass::rd, block::IoClass::rd);
+  copy(StatClass::wr, block::IoClass::wr);
+  copy(StatClass::flush, block::IoClass::flush);
+  copy(StatClass::unmap, block::IoClass::unmap);
+  s.wr_highest_offset = n.wr_highest_offset;
+  return s;
+}
+
+}  // namespace
+
+void QdiskDevice::adopt_chain() {
+  std::vector<Node> next;
+  const std::string device_name = config_.node_name(context().devid);
+  for (auto* layer = block::as_counting(driver_.get()); layer != nullptr;
+       layer = block::as_counting(layer->backing_image())) {
+    Node n;
+    const std::string key = file_key(layer->path());
+    auto known = std::find_if(nodes_.begin(), nodes_.end(), [&](const Node& x) { return x.key == key; });
+    if (known != nodes_.end()) {
+      n = *known;
+      layer->share_counters(n.counters);
+    } else {
+      n.key = key;
+      n.counters = layer->counters();
+    }
+    if (next.empty()) {
+      // The active layer: its snapshot-node-name, a user's name it kept (the base after a
+      // commit), else the device's "xvda-qcow2".
+      if (!user_node_name_.empty()) {
+        n.name = user_node_name_;
+        n.named_by_user = true;
+      } else if (n.named_by_user) {
+        user_node_name_ = n.name;
+      } else {
+        n.name = device_name;
+        n.device_named = true;
+      }
+    } else if (n.name.empty() || n.device_named) {
+      // A backing layer nobody named, or the old top that carried the device's name.
+      n.name = block::generate_node_name();
+      n.device_named = false;
+    }
+    next.push_back(std::move(n));
+  }
+  nodes_ = std::move(next);
+}
+
+void QdiskDevice::share_counters(block::Image& top) const {
+  for (auto* layer = block::as_counting(&top); layer != nullptr; layer = block::as_counting(layer->backing_image())) {
+    const std::string key = file_key(layer->path());
+    auto known = std::find_if(nodes_.begin(), nodes_.end(), [&](const Node& x) { return x.key == key; });
+    if (known != nodes_.end()) layer->share_counters(known->counters);
+  }
+}
+
+bool QdiskDevice::has_node(const std::string& name) const {
+  if (name == node_name()) return true;
+  return std::any_of(nodes_.begin(), nodes_.end(), [&](const Node& n) { return n.name == name; });
+}
+
+std::vector<std::string> QdiskDevice::node_names() const {
+  std::vector<std::string> out;
+  for (const Node& n : nodes_) out.push_back(n.name);
+  if (out.empty()) out.push_back(node_name());
+  return out;
+}
+
 nlohmann::json QdiskDevice::blockstats_json() const {
-  return {
+  // QEMU's bdrv_query_bds_stats at BlockBackend level: the guest's counters at the root,
+  // each backing layer nested under "backing". pvhost's format drivers do their own file
+  // I/O, so there is no separate protocol node to report as "parent".
+  nlohmann::json root = {
       {"device", qmp_device()},
       {"node-name", node_name()},
       {"qdev", context().backend_path},
       {"stats", stats().qmp_stats()},
   };
+  nlohmann::json* at = &root;
+  for (size_t i = 1; i < nodes_.size(); ++i) {
+    (*at)["backing"] = {{"node-name", nodes_[i].name}, {"stats", node_snapshot(*nodes_[i].counters).qmp_stats()}};
+    at = &(*at)["backing"];
+  }
+  return root;
+}
+
+nlohmann::json QdiskDevice::blockstats_nodes_json() const {
+  nlohmann::json out = nlohmann::json::array();
+  if (nodes_.empty()) {
+    // A driver that is not an Image (the io_uring raw driver): one node, the guest's I/O.
+    out.push_back({{"node-name", node_name()}, {"stats", stats().qmp_stats()}});
+    return out;
+  }
+  for (const Node& n : nodes_) out.push_back({{"node-name", n.name}, {"stats", node_snapshot(*n.counters).qmp_stats()}});
+  return out;
 }
 
 nlohmann::json QdiskDevice::query_block_json() const {

@@ -15,6 +15,7 @@
 #include "backends/block/stats.h"
 #include "src/block/block_driver.h"
 #include "src/block/commit.h"
+#include "src/block/counting_image.h"
 #include "src/device/registry.h"
 
 namespace pvhost::blkif {
@@ -27,14 +28,26 @@ class QdiskDevice final : public XenDevice {
   // --- for the QMP glue (main thread) ---
   // Counters of this device.
   [[nodiscard]] BlockStatsSnapshot stats() const { return stats_.snapshot(); }
-  // One entry of query-blockstats, in QEMU's shape: {"device", "node-name", "qdev", "stats"}.
+  // One entry of query-blockstats, in QEMU's shape: {"device", "node-name", "qdev",
+  // "stats" (the guest's requests), "backing" (the next layer: {"node-name", "stats" of
+  // what was read from or written to that layer, "backing"?}, nested down the chain)}.
   [[nodiscard]] nlohmann::json blockstats_json() const;
+  // query-blockstats with query-nodes: one {"node-name", "stats"} per layer, top first,
+  // each with the layer's own counters (no "device", no "backing"), as QEMU lists nodes.
+  [[nodiscard]] nlohmann::json blockstats_nodes_json() const;
+  // Whether a layer of this disk is called `name`.
+  [[nodiscard]] bool has_node(const std::string& name) const;
+  // The node name of each layer, top first (the active layer is node_name()).
+  [[nodiscard]] std::vector<std::string> node_names() const;
   // One entry of query-block (BlockInfo): {"device", "qdev", "locked", "removable",
   // "inserted": {"file", "node-name", "ro", "drv", "image": {...}, ...}, "type"}.
   [[nodiscard]] nlohmann::json query_block_json() const;
-  // The QMP `device` name ("51712", the qdisk devid) and block node name ("xvda-raw").
+  // The QMP `device` name ("51712", the qdisk devid) and the active layer's node name:
+  // the one blockdev-snapshot-sync's snapshot-node-name gave it, else "xvda-raw" style.
   [[nodiscard]] std::string qmp_device() const { return context().devid; }
-  [[nodiscard]] std::string node_name() const { return config_.node_name(context().devid); }
+  [[nodiscard]] std::string node_name() const {
+    return user_node_name_.empty() ? config_.node_name(context().devid) : user_node_name_;
+  }
   [[nodiscard]] const BlockConfig& config() const { return config_; }
 
   // The image changed size underneath: announce the new `sectors` and write Connected
@@ -45,7 +58,9 @@ class QdiskDevice final : public XenDevice {
   // `existing`) a qcow2 whose backing file is the current image, switches every queue to
   // it, and records it in the backend's `params` so a restarted pvhost opens the same chain.
   enum class SnapshotMode { create, existing };
-  [[nodiscard]] Result<void> snapshot(const std::string& overlay, SnapshotMode mode);
+  // `node_name` (snapshot-node-name; may be empty) names the overlay; the caller has
+  // checked it is well formed and unused.
+  [[nodiscard]] Result<void> snapshot(const std::string& overlay, SnapshotMode mode, const std::string& node_name = {});
 
   // ---- block-commit of the active layer (src/block/commit.h) ----
   // One layer of the chain under the active image: file name as opened, and format.
@@ -97,6 +112,24 @@ class QdiskDevice final : public XenDevice {
   [[nodiscard]] block::BlockDriver* active_driver() const;
   [[nodiscard]] Result<void> switch_queues(block::BlockDriver* to);
   [[nodiscard]] Result<void> pivot(Result<std::unique_ptr<block::Image>> base);
+  // After the chain was (re)opened: names every layer and makes each count into its
+  // node's counters, found by file, so a layer's counters continue when the same file is
+  // opened again (the old top under a snapshot overlay, the base after a commit). Layers
+  // that left the chain are forgotten. While no I/O runs (at realize or quiesced).
+  void adopt_chain();
+  // Same for another handle on layers of the chain (the commit's read-write base).
+  void share_counters(block::Image& top) const;
+
+  // One layer of the chain as query-blockstats names and counts it.
+  struct Node {
+    std::string key;  // the file: "st_dev:st_ino", or the path when it is not one
+    std::string name;
+    bool named_by_user = false;  // snapshot-node-name: the name stays with the layer
+    bool device_named = false;   // the device's "xvda-qcow2": it stays with the active layer
+    std::shared_ptr<block::NodeCounters> counters;
+  };
+  std::vector<Node> nodes_;      // top first; empty for a driver that is not an Image
+  std::string user_node_name_;   // the active layer's snapshot-node-name, if it had one
 
   struct ActiveCommit {
     std::shared_ptr<block::DirtyBitmap> dirty;

@@ -46,9 +46,17 @@ Result<std::unique_ptr<BlockCommands>> BlockCommands::install(qmp::Server& serve
   PVHOST_TRY(server.add_command(qmp::CommandSpec::sync(
       "query-blockstats", {{"query-nodes", qmp::ArgType::boolean, true}},
       qmp::Returns::array_of({{"device"}, {"node-name"}, {"qdev"}, {"stats", qmp::ArgType::object}}),
-      [self](const nlohmann::json&) -> qmp::CommandResult {
+      [self](const nlohmann::json& args) -> qmp::CommandResult {
         nlohmann::json out = nlohmann::json::array();
-        for (auto* d : disks(self->host_)) out.push_back(d->blockstats_json());
+        // qmp_query_blockstats: query-nodes lists every node flat, without `device`.
+        const bool nodes = args.contains("query-nodes") && args["query-nodes"].get<bool>();
+        for (auto* d : disks(self->host_)) {
+          if (!nodes) {
+            out.push_back(d->blockstats_json());
+            continue;
+          }
+          for (auto& n : d->blockstats_nodes_json()) out.push_back(std::move(n));
+        }
         return out;
       })));
   // qapi/block-core.json blockdev-snapshot-sync: quiesce that disk, create the overlay, switch
@@ -81,13 +89,27 @@ Result<std::unique_ptr<BlockCommands>> BlockCommands::install(qmp::Server& serve
              return r.fail(fmt::format("Parameter 'mode' does not accept value '{}'", args["mode"].get<std::string>()));
          }
          const std::string file = args["snapshot-file"].get<std::string>();
+         std::string node_name;
+         if (args.contains("snapshot-node-name")) {
+           // block.c bdrv_assign_node_name's checks and texts.
+           node_name = args["snapshot-node-name"].get<std::string>();
+           if (!block::node_name_wellformed(node_name))
+             return r.fail(fmt::format("Invalid node-name: '{}'", node_name));
+           for (auto* other : disks(self->host_)) {
+             if (node_name == other->qmp_device() || node_name == other->config().dev)
+               return r.fail(fmt::format("node-name={} is conflicting with a device id", node_name));
+             if (other->has_node(node_name))
+               return r.fail(fmt::format("Duplicate nodes with node-name='{}'", node_name));
+           }
+           if (node_name.size() > block::kMaxNodeNameLength) return r.fail("Node name too long");
+         }
          const std::string devid = d->qmp_device();
          auto shared = std::make_shared<qmp::Responder>(std::move(r));
-         d->quiesce([self, devid, file, mode, shared] {
+         d->quiesce([self, devid, file, mode, node_name, shared] {
            // Runs on the main loop once the disk is drained; the device may have gone meanwhile.
            auto* dev = dynamic_cast<blkif::QdiskDevice*>(self->host_.find("qdisk", devid));
            if (dev == nullptr) return shared->fail("the device went away during the snapshot");
-           auto res = dev->snapshot(file, mode);
+           auto res = dev->snapshot(file, mode, node_name);
            // Resume unless the whole VM is stopped (then cont resumes it).
            if (self->server_.run_state().status() == qmp::RunStatus::running) dev->resume();
            if (!res) return shared->fail(res.error().what());

@@ -202,17 +202,32 @@ Result<void> BlockJobs::add_commands() {
            return r.fail(fmt::format("Committing '{}' is not supported: only the active layer ('{}')",
                                      args["top"].get<std::string>(), d->config().path));
          if (args.contains("backing-file")) return r.fail("'backing-file' specified, but 'top' is the active layer");
-         if (args.contains("base-node"))
-           return r.fail("'base-node' is not supported: the backing layers have no node names here; name the base by its file with 'base'");
+         if (args.contains("base") && args.contains("base-node"))
+           return r.fail("'base' and 'base-node' cannot be specified at the same time");
          const auto chain = d->backing_chain();
-         if (chain.empty()) return r.fail(fmt::format("Top image '{}' has no backing file: nothing to commit", d->config().path));
          std::optional<blkif::QdiskDevice::Layer> base;
+         if (args.contains("base-node")) {
+           // Backing layers are named in query-blockstats (blockstats_json): names()[i + 1]
+           // is chain[i]. Texts of qmp_block_commit / bdrv_lookup_bs.
+           const std::string want = args["base-node"].get<std::string>();
+           const auto names = d->node_names();
+           for (size_t i = 0; i < chain.size() && i + 1 < names.size(); ++i)
+             if (names[i + 1] == want) base = chain[i];
+           if (!base) {
+             bool elsewhere = false;
+             for (XenDevice* other : host_.devices())
+               if (auto* q = dynamic_cast<blkif::QdiskDevice*>(other)) elsewhere = elsewhere || q->has_node(want);
+             if (!elsewhere) return r.fail(fmt::format("Cannot find device='' nor node-name='{}'", want));
+             return r.fail(fmt::format("Node '{}' is not a backing image of '{}'", want, d->node_name()));
+           }
+         }
+         if (chain.empty()) return r.fail(fmt::format("Top image '{}' has no backing file: nothing to commit", d->config().path));
          if (args.contains("base")) {
            const std::string want = args["base"].get<std::string>();
            for (const auto& l : chain)
              if (same_file(want, l.path)) base = l;
            if (!base) return r.fail(fmt::format("Can't find '{}' in the backing chain", want));
-         } else {
+         } else if (!base) {
            base = chain.back();  // QEMU's default: the deepest backing image
          }
          Job job;

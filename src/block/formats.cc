@@ -13,6 +13,7 @@
 
 #include <fmt/format.h>
 
+#include "src/block/counting_image.h"
 #include "src/block/nbd/nbd_image.h"
 #include "src/block/qcow2/qcow2_image.h"
 #include "src/block/vhd/vhd_image.h"
@@ -261,7 +262,8 @@ Result<std::unique_ptr<Image>> open_raw_image(const OpenOptions& o, ChainGuard& 
   return std::unique_ptr<Image>(std::make_unique<RawImage>(o.path, std::move(fd), size, ro, blk));
 }
 
-Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format, const OpenOptions& o, ChainGuard& guard) {
+namespace {
+Result<std::unique_ptr<Image>> open_layer(std::string_view format, const OpenOptions& o, ChainGuard& guard) {
   if (guard.depth > kMaxBackingDepth)
     return fail(ELOOP, fmt::format("backing chain deeper than {} images", kMaxBackingDepth));
   std::string fmt_name(format);
@@ -281,6 +283,12 @@ Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format, const 
     return open_nbd(o.path, o.read_only);
   }
   return fail(ENOTSUP, fmt::format("image format '{}' not supported", fmt_name));
+}
+}  // namespace
+
+Result<std::unique_ptr<Image>> open_any_in_chain(std::string_view format, const OpenOptions& o, ChainGuard& guard) {
+  // Every layer counts its own I/O (query-blockstats per node, counting_image.h).
+  return count_io(PVHOST_TRY(open_layer(format, o, guard)));
 }
 
 Result<std::unique_ptr<Image>> open_any(std::string_view format, const OpenOptions& o) {

@@ -14,6 +14,7 @@
 
 #include <fmt/format.h>
 
+#include "src/block/counting_image.h"
 #include "src/block/vhd/vhd_format.h"
 #include "src/fd.h"
 #include "src/log.h"
@@ -237,7 +238,7 @@ class VhdImage final : public Image {
       po.path = c;
       po.read_only = ReadOnly::yes;
       auto parent = PVHOST_TRY_CTX(open_any_in_chain("vpc", po, guard), fmt::format("opening parent {}", c));
-      auto* pv = dynamic_cast<VhdImage*>(parent.get());
+      auto* pv = dynamic_cast<VhdImage*>(unwrap_counting(parent.get()));
       if (pv == nullptr) return fail(EINVAL, "VHD parent is not a VHD");
       if (pv->footer_.unique_id != dyn_.parent_unique_id)
         return fail(EINVAL, fmt::format("VHD parent {} has another unique id than the one recorded (modified or replaced parent)", c));

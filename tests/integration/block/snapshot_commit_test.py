@@ -179,9 +179,95 @@ def case_commit_into_vhd(env):
     return commit_into(env, "vpc", ["-f", "vpc", "-o", "subformat=dynamic"])
 
 
+# QEMU 7.2's BlockDeviceStats members that are not optional (qapi/block-core.json).
+BLOCK_DEVICE_STATS = {
+    "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations", "flush_operations",
+    "unmap_operations", "rd_total_time_ns", "wr_total_time_ns", "flush_total_time_ns", "unmap_total_time_ns",
+    "wr_highest_offset", "rd_merged", "wr_merged", "unmap_merged", "failed_rd_operations", "failed_wr_operations",
+    "failed_flush_operations", "failed_unmap_operations", "invalid_rd_operations", "invalid_wr_operations",
+    "invalid_flush_operations", "invalid_unmap_operations", "account_invalid", "account_failed", "timed_stats",
+}
+
+
+def node_stats(qmp):
+    return {n["node-name"]: n for n in qmp.cmd("query-blockstats", {"query-nodes": True})}
+
+
+def case_blockstats_per_node(env):
+    """query-blockstats counts every layer: reads that fall through to the base, the commit's writes."""
+    base = env.path("base.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(DISK)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", base], check=True, capture_output=True)
+    env.add_disk(base, "qcow2")
+    qmp = env.start_pvhost()
+    root = qmp.cmd("query-blockstats")
+    assert len(root) == 1 and root[0]["node-name"] == "xvda-qcow2" and "backing" not in root[0], root
+    assert BLOCK_DEVICE_STATS <= set(root[0]["stats"]), BLOCK_DEVICE_STATS - set(root[0]["stats"])
+    nodes = qmp.cmd("query-blockstats", {"query-nodes": True})
+    assert [n["node-name"] for n in nodes] == ["xvda-qcow2"] and "device" not in nodes[0], nodes
+    # snapshot-node-name: QEMU's checks (block.c bdrv_assign_node_name).
+    bad = env.path("bad.qcow2")
+    assert "Invalid node-name" in qmp.error("blockdev-snapshot-sync",
+                                            {"device": "xvda", "snapshot-file": bad, "snapshot-node-name": "1x"})
+    assert "Duplicate nodes" in qmp.error("blockdev-snapshot-sync",
+                                          {"device": "xvda", "snapshot-file": bad, "snapshot-node-name": "xvda-qcow2"})
+    assert "too long" in qmp.error("blockdev-snapshot-sync",
+                                   {"device": "xvda", "snapshot-file": bad, "snapshot-node-name": "n" * 32})
+    snap = env.path("snap.qcow2")
+    qmp.cmd("blockdev-snapshot-sync", {"device": "xvda", "snapshot-file": snap, "snapshot-node-name": "snap1"})
+    assert qmp.cmd("query-block")[0]["inserted"]["node-name"] == "snap1"
+    root = qmp.cmd("query-blockstats")[0]
+    assert root["device"] == "51712" and root["node-name"] == "snap1", root
+    backing = root["backing"]
+    name = backing["node-name"]
+    assert name.startswith("#block") and "device" not in backing and "backing" not in backing, root
+    assert BLOCK_DEVICE_STATS <= set(backing["stats"])
+    before = backing["stats"]
+    # The guest reads what only the base holds: every read falls through to the base.
+    r = finish_blkfront(env.blkfront("--rw", "read", "--no-verify", "--qd", "4", "--span", str(1 << 20), "--ops", "64"))
+    root = qmp.cmd("query-blockstats")[0]
+    guest, backing = root["stats"], root["backing"]["stats"]
+    assert guest["rd_operations"] >= 64, guest
+    assert backing["rd_operations"] >= before["rd_operations"] + 64, (before, backing)
+    assert backing["rd_bytes"] - before["rd_bytes"] >= guest["rd_bytes"], (guest, backing)
+    assert backing["rd_total_time_ns"] > 0 and backing["wr_operations"] == 0, backing
+    nodes = node_stats(qmp)
+    assert list(nodes) == ["snap1", name] and all("device" not in n for n in nodes.values()), nodes
+    assert nodes[name]["stats"]["rd_operations"] == backing["rd_operations"], (nodes, backing)
+    # The guest writes into the overlay; a commit into the base (named by base-node) writes there.
+    finish_blkfront(env.blkfront("--rw", "write", "--no-verify", "--qd", "4", "--span", str(4 << 20), "--ops", "32"))
+    nodes = node_stats(qmp)
+    assert nodes["snap1"]["stats"]["wr_operations"] >= 32 and nodes[name]["stats"]["wr_operations"] == 0, nodes
+    base_reads = nodes[name]["stats"]["rd_operations"]
+    assert "Cannot find" in qmp.error("block-commit", {"device": "xvda", "base-node": "nosuch"})
+    qmp.cmd("block-commit", {"device": "xvda", "base-node": name, "job-id": "c1"})
+    qmp.wait_event("BLOCK_JOB_READY")
+    qmp.cmd("block-job-complete", {"device": "c1"})
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in done["data"], done
+    assert chain_files(qmp) == [base], chain_files(qmp)
+    # The base is the active layer, under the device's name; its counters continued.
+    nodes = node_stats(qmp)
+    assert list(nodes) == ["xvda-qcow2"], nodes
+    st = nodes["xvda-qcow2"]["stats"]
+    assert st["rd_operations"] >= base_reads and st["wr_operations"] > 0 and st["wr_highest_offset"] > 0, st
+    assert "backing" not in qmp.cmd("query-blockstats")[0]
+    # A restarted pvhost names the chain the same way; counters start again, as QEMU's do.
+    env.stop_pvhost(qmp)
+    env.xs_write(f"/local/domain/0/backend/qdisk/{env.domid}/51712/state", "1")
+    qmp = env.start_pvhost()
+    assert poll(lambda: qmp.cmd("query-block") != []), "the restarted pvhost did not adopt the disk"
+    assert list(node_stats(qmp)) == ["xvda-qcow2"]
+    env.stop_pvhost(qmp)
+    check_clean("qcow2", base)
+    check_clean("qcow2", snap)
+    return (f"{r['ops']} guest reads counted on {name}; commit by base-node wrote {st['wr_operations']} "
+            "times into the base")
+
+
 def main():
     return run_cases("snapshot/commit", (case_snapshots_then_commit, case_commit_into_middle_and_cancel,
-                                         case_commit_into_raw, case_commit_into_vhd))
+                                         case_commit_into_raw, case_commit_into_vhd, case_blockstats_per_node))
 
 
 if __name__ == "__main__":
