@@ -102,40 +102,43 @@ class SyncQueue final : public IoQueue {
 // images on its own; this one exists so chains can read synchronously.
 class RawImage final : public Image {
  public:
-  RawImage(std::string path, UniqueFd fd, uint64_t size, bool read_only, bool blk)
-      : path_(std::move(path)), fd_(std::move(fd)), blk_(blk) {
+  RawImage(ImageFile file, bool read_only) : file_(std::move(file)) {
     info_.format = "raw";
-    info_.size_bytes = size;
+    info_.size_bytes = file_.size();
     info_.read_only = read_only;
+    info_.direct_io = file_.direct();
     info_.discard = !read_only;
   }
   [[nodiscard]] DriverInfo info() const override { return info_; }
-  [[nodiscard]] const std::string& path() const override { return path_; }
+  [[nodiscard]] const std::string& path() const override { return file_.path(); }
   Result<void> read_at(uint64_t offset, std::span<std::byte> buf) override {
     PVHOST_TRY(check_range(offset, buf.size()));
-    const size_t got = PVHOST_TRY(read_full(fd_.get(), offset, buf));
+    std::lock_guard lock(mu_);
+    const size_t got = PVHOST_TRY(file_.read_full(offset, buf));
     std::memset(buf.data() + got, 0, buf.size() - got);
     return {};
   }
   Result<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
-    if (info_.read_only) return fail(EROFS, fmt::format("{} is read-only", path_));
+    if (info_.read_only) return fail(EROFS, fmt::format("{} is read-only", path()));
     PVHOST_TRY(check_range(offset, buf.size()));
-    return write_full(fd_.get(), offset, buf);
+    std::lock_guard lock(mu_);
+    return file_.write(offset, buf);
   }
   Result<void> flush_all() override {
-    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
-    return {};
+    std::lock_guard lock(mu_);
+    return file_.sync();
   }
   Result<void> discard_at(uint64_t offset, uint64_t length) override {
-    if (info_.read_only) return fail(EROFS, fmt::format("{} is read-only", path_));
+    if (info_.read_only) return fail(EROFS, fmt::format("{} is read-only", path()));
     PVHOST_TRY(check_range(offset, length));
-    if (!blk_ && ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-                             static_cast<off_t>(length)) == 0)
+    std::lock_guard lock(mu_);
+    if (!file_.block_device() && ::fallocate(file_.fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                             static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)
       return {};
-    std::vector<std::byte> zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
+    AlignedBytes zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
     while (length > 0) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(length, zero.size()));
-      PVHOST_TRY(write_full(fd_.get(), offset, std::span<const std::byte>(zero).first(n)));
+      PVHOST_TRY(file_.write(offset, std::span<const std::byte>(zero).first(n)));
       offset += n;
       length -= n;
     }
@@ -146,16 +149,26 @@ class RawImage final : public Image {
     d.format = "raw";
     d.virtual_size = info_.size_bytes;
     struct stat st {};
-    if (::fstat(fd_.get(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (::fstat(file_.fd(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
     return d;
   }
 
  private:
-  std::string path_;
-  UniqueFd fd_;
-  bool blk_;
   DriverInfo info_;
+  std::mutex mu_;  // serialises the I/O on file_ (ImageFile's read-modify-write needs it)
+  ImageFile file_;
 };
+
+// The largest aligned span one bounced step of ImageFile moves; longer unaligned requests
+// take several steps.
+constexpr size_t kMaxBounce = size_t{1} << 20;
+// O_DIRECT alignment of files whose file system does not report it (statx(2)
+// STATX_DIOALIGN, Linux 6.1): a multiple of every logical block size in use.
+constexpr uint32_t kFallbackDirectAlign = 4096;
+
+uint64_t round_down(uint64_t v, uint64_t a) { return v / a * a; }
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+bool power_of_two(uint32_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 }  // namespace
 
@@ -195,30 +208,209 @@ Result<void> ChainGuard::enter(int fd, const std::string& path) {
   return {};
 }
 
-Result<size_t> read_full(int fd, uint64_t offset, std::span<std::byte> buf) {
+// ---- ImageFile ----
+
+Result<ImageFile> ImageFile::open(const std::string& path, ReadOnly read_only, DirectIo direct) {
+  const int flags = (read_only == ReadOnly::yes ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK;
+  bool dio = direct == DirectIo::yes;
+  UniqueFd fd(::open(path.c_str(), flags | (dio ? O_DIRECT : 0)));
+  if (!fd && dio && errno == EINVAL) {  // open(2): "the file system does not support O_DIRECT"
+    dio = false;
+    fd = UniqueFd(::open(path.c_str(), flags));
+  }
+  if (!fd) return fail_errno(fmt::format("opening {}", path));
+  ImageFile f(path, std::move(fd));
+  f.direct_ = dio;
+  PVHOST_TRY(f.probe());
+  return f;
+}
+
+Result<ImageFile> ImageFile::create(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) return fail_errno(fmt::format("creating {}", path));
+  return ImageFile(path, std::move(fd));
+}
+
+Result<void> ImageFile::probe() {
+  struct stat st {};
+  if (::fstat(fd_.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", path_));
+  // Images are files or block devices; a FIFO or a character device named as one would
+  // block or never end.
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+    return fail(EINVAL, fmt::format("{} is neither a file nor a block device", path_));
+  block_device_ = S_ISBLK(st.st_mode);
+  size_ = static_cast<uint64_t>(st.st_size);
+  if (block_device_ && ::ioctl(fd_.get(), BLKGETSIZE64, &size_) < 0)
+    return fail_errno(fmt::format("BLKGETSIZE64 {}", path_));
+  if (!direct_) return {};
+
+  std::string refused;
+  uint32_t align = kFallbackDirectAlign, mem_align = kFallbackDirectAlign;
+  if (block_device_) {
+    int lbs = 0;
+    if (::ioctl(fd_.get(), BLKSSZGET, &lbs) == 0 && lbs > 0) align = mem_align = static_cast<uint32_t>(lbs);
+  } else {
+    struct statx sx {};
+    if (::statx(fd_.get(), "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) != 0) {
+      // statx(2): both 0 when the file does not support direct I/O.
+      if (sx.stx_dio_offset_align == 0) refused = "statx reports no direct I/O";
+      align = sx.stx_dio_offset_align;
+      mem_align = std::max<uint32_t>(sx.stx_dio_mem_align, 1);
+    }
+  }
+  if (refused.empty() && (!power_of_two(align) || !power_of_two(mem_align) || mem_align > kDirectIoMemAlign ||
+                          align > kMaxBounce / 4))
+    refused = fmt::format("unusual alignment: offsets {}, memory {}", align, mem_align);
+  if (refused.empty()) {
+    // A larger offset alignment is as valid, and with it every block of an aligned bounce
+    // buffer starts at a valid memory address too.
+    align_ = std::max(align, mem_align);
+    mem_align_ = mem_align;
+    // Some file systems accept O_DIRECT at open and refuse the I/O (as raw_driver.cc probes).
+    if (size_ >= align_) {
+      const ssize_t n = ::pread(fd_.get(), bounce(align_).data(), align_, 0);
+      if (n < 0 && errno == EINVAL) refused = "a direct read fails with EINVAL";
+    }
+  }
+  if (!refused.empty()) {
+    log::info("{}: O_DIRECT refused by the file system ({}), using buffered I/O", path_, refused);
+    const int fl = ::fcntl(fd_.get(), F_GETFL);
+    if (fl < 0 || ::fcntl(fd_.get(), F_SETFL, fl & ~O_DIRECT) < 0)
+      return fail_errno(fmt::format("clearing O_DIRECT on {}", path_));
+    direct_ = false;
+    align_ = mem_align_ = 1;
+    bounce_ = AlignedBytes();
+  }
+  return {};
+}
+
+bool ImageFile::aligned(uint64_t offset, size_t length, const void* buf) const {
+  return offset % align_ == 0 && length % align_ == 0 && reinterpret_cast<uintptr_t>(buf) % mem_align_ == 0;
+}
+
+std::span<std::byte> ImageFile::bounce(size_t bytes) {
+  if (bounce_.size() < bytes) bounce_.resize(bytes);
+  return std::span(bounce_).first(bytes);
+}
+
+Result<size_t> ImageFile::pread_blocks(uint64_t offset, std::span<std::byte> buf) {
   size_t done = 0;
   while (done < buf.size()) {
-    const ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+    const ssize_t n = ::pread(fd_.get(), buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return fail_errno(fmt::format("pread at {}", offset + done));
     }
     if (n == 0) break;
     done += static_cast<size_t>(n);
+    if (done % align_ != 0) break;  // a partial block: the end of the file
   }
   return done;
 }
 
-Result<void> write_full(int fd, uint64_t offset, std::span<const std::byte> buf) {
+Result<size_t> ImageFile::read_bounced(uint64_t offset, std::span<std::byte> buf) {
+  const uint64_t start = round_down(offset, align_);
+  const size_t lead = static_cast<size_t>(offset - start);
+  const size_t want = std::min(buf.size(), kMaxBounce - lead);
+  const std::span<std::byte> b = bounce(static_cast<size_t>(round_up(lead + want, align_)));
+  const size_t got = PVHOST_TRY(pread_blocks(start, b));
+  if (got <= lead) return 0;
+  const size_t n = std::min(want, got - lead);
+  std::memcpy(buf.data(), b.data() + lead, n);
+  return n;
+}
+
+Result<size_t> ImageFile::write_bounced(uint64_t offset, std::span<const std::byte> buf) {
+  const uint64_t start = round_down(offset, align_);
+  const size_t lead = static_cast<size_t>(offset - start);
+  const size_t n = std::min(buf.size(), kMaxBounce - lead);
+  const size_t span = static_cast<size_t>(round_up(lead + n, align_));
+  const std::span<std::byte> b = bounce(span);
+  // Read-modify-write: the first and the last block keep the bytes around the request
+  // (zeroes past the end of the file). Safe only because nothing else writes to these
+  // blocks in between: the image's mutex serialises its I/O (see formats.h).
+  auto fill = [&](std::span<std::byte> block, uint64_t at) -> Result<void> {
+    const size_t got = PVHOST_TRY(pread_blocks(at, block));
+    std::memset(block.data() + got, 0, block.size() - got);
+    return {};
+  };
+  if (lead != 0) PVHOST_TRY(fill(b.first(align_), start));
+  if ((lead + n) % align_ != 0 && (lead == 0 || span > align_)) PVHOST_TRY(fill(b.last(align_), start + span - align_));
+  std::memcpy(b.data() + lead, buf.data(), n);
+  size_t done = 0;
+  while (done < span) {
+    const ssize_t w = ::pwrite(fd_.get(), b.data() + done, span - done, static_cast<off_t>(start + done));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return fail_errno(fmt::format("pwrite at {}", start + done));
+    }
+    if (w == 0) return fail(EIO, fmt::format("pwrite at {} wrote nothing", start + done));
+    done += static_cast<size_t>(w);
+  }
+  // A buffered write would have ended the file with the request; the whole last block
+  // went past that. (A crash in between leaves less than one block of zeroes past the
+  // request's end. Only with an alignment above 512 can that hide a VHD footer written
+  // there; read_footer in vhd_image.cc then finds the dynamic disk's copy at offset 0.)
+  const uint64_t end = std::max(size_, offset + n);
+  if (!block_device_ && start + span > end && ::ftruncate(fd_.get(), static_cast<off_t>(end)) < 0)
+    return fail_errno(fmt::format("truncating {} to {}", path_, end));
+  return n;
+}
+
+Result<size_t> ImageFile::read_full(uint64_t offset, std::span<std::byte> buf) {
   size_t done = 0;
   while (done < buf.size()) {
-    const ssize_t n = ::pwrite(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return fail_errno(fmt::format("pwrite at {}", offset + done));
+    const std::span<std::byte> rest = buf.subspan(done);
+    const uint64_t at = offset + done;
+    size_t n = 0;
+    if (aligned(at, rest.size(), rest.data())) {
+      const ssize_t r = ::pread(fd_.get(), rest.data(), rest.size(), static_cast<off_t>(at));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return fail_errno(fmt::format("pread at {}", at));
+      }
+      n = static_cast<size_t>(r);
+    } else {
+      // (Also after a direct read that ended inside a block: the end of the file.)
+      n = PVHOST_TRY(read_bounced(at, rest));
     }
-    done += static_cast<size_t>(n);
+    if (n == 0) break;
+    done += n;
   }
+  return done;
+}
+
+Result<void> ImageFile::read_exact(uint64_t offset, std::span<std::byte> buf) {
+  const size_t got = PVHOST_TRY(read_full(offset, buf));
+  if (got != buf.size()) return fail(EIO, fmt::format("short read at {} (file ends early)", offset));
+  return {};
+}
+
+Result<void> ImageFile::write(uint64_t offset, std::span<const std::byte> buf) {
+  size_t done = 0;
+  while (done < buf.size()) {
+    const std::span<const std::byte> rest = buf.subspan(done);
+    const uint64_t at = offset + done;
+    size_t n = 0;
+    if (aligned(at, rest.size(), rest.data())) {
+      const ssize_t w = ::pwrite(fd_.get(), rest.data(), rest.size(), static_cast<off_t>(at));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return fail_errno(fmt::format("pwrite at {}", at));
+      }
+      if (w == 0) return fail(EIO, fmt::format("pwrite at {} wrote nothing", at));
+      n = static_cast<size_t>(w);
+    } else {
+      n = PVHOST_TRY(write_bounced(at, rest));
+    }
+    done += n;
+    size_ = std::max(size_, at + n);
+  }
+  return {};
+}
+
+Result<void> ImageFile::sync() {
+  if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
   return {};
 }
 
@@ -230,36 +422,23 @@ std::string resolve_backing_path(const std::string& image_path, const std::strin
 }
 
 Result<std::string> probe_format(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
-  if (!fd) return fail_errno(fmt::format("opening {}", path));
-  {
-    ChainGuard type_check;  // refuses FIFOs and character devices before reading
-    PVHOST_TRY(type_check.enter(fd.get(), path));
-  }
+  ImageFile f = PVHOST_TRY(ImageFile::open(path, ReadOnly::yes, DirectIo::no));
   std::byte head[512] = {};
-  const size_t got = PVHOST_TRY_CTX(read_full(fd.get(), 0, head), path);
+  const size_t got = PVHOST_TRY_CTX(f.read_full(0, head), path);
   if (got >= 4 && load_be32(head) == 0x514649fb) return std::string("qcow2");
   if (got >= 8 && std::memcmp(head, "conectix", 8) == 0) return std::string("vpc");
-  struct stat st {};
-  if (::fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= 512) {
+  if (!f.block_device() && f.size() >= 512) {
     std::byte tail[512] = {};
-    const size_t t = PVHOST_TRY_CTX(read_full(fd.get(), static_cast<uint64_t>(st.st_size) - 512, tail), path);
+    const size_t t = PVHOST_TRY_CTX(f.read_full(f.size() - 512, tail), path);
     if (t == 512 && std::memcmp(tail, "conectix", 8) == 0) return std::string("vpc");
   }
   return std::string("raw");
 }
 
 Result<std::unique_ptr<Image>> open_raw_image(const OpenOptions& o, ChainGuard& guard) {
-  const bool ro = o.read_only == ReadOnly::yes;
-  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK));
-  if (!fd) return fail_errno(fmt::format("opening {}", o.path));
-  PVHOST_TRY(guard.enter(fd.get(), o.path));
-  struct stat st {};
-  if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  const bool blk = S_ISBLK(st.st_mode);
-  if (blk && ::ioctl(fd.get(), BLKGETSIZE64, &size) < 0) return fail_errno(fmt::format("BLKGETSIZE64 {}", o.path));
-  return std::unique_ptr<Image>(std::make_unique<RawImage>(o.path, std::move(fd), size, ro, blk));
+  ImageFile file = PVHOST_TRY(ImageFile::open(o.path, o.read_only, o.direct));
+  PVHOST_TRY(guard.enter(file.fd(), o.path));
+  return std::unique_ptr<Image>(std::make_unique<RawImage>(std::move(file), o.read_only == ReadOnly::yes));
 }
 
 namespace {

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -24,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "src/block/block_driver.h"
+#include "src/fd.h"
 
 namespace pvhost::block {
 
@@ -107,7 +109,8 @@ struct ChainGuard {
 // stay, relative ones are relative to the directory of the image that names them.
 [[nodiscard]] std::string resolve_backing_path(const std::string& image_path, const std::string& backing);
 
-// A plain file (or block device) with synchronous I/O: raw images at the bottom of chains.
+// A plain file (or block device) with synchronous I/O through ImageFile (O_DIRECT as the
+// options ask): raw images at the bottom of chains.
 [[nodiscard]] Result<std::unique_ptr<Image>> open_raw_image(const OpenOptions& options, ChainGuard& guard);
 
 // QEMU's ImageInfo for query-block's `inserted.image`: filename, format, virtual-size,
@@ -140,9 +143,109 @@ inline void store_be64(std::byte* p, uint64_t v) {
   store_be32(p + 4, static_cast<uint32_t>(v & 0xffffffffu));
 }
 
-// pread/pwrite of everything, retrying EINTR and short transfers. read_full returns the
-// number of bytes read (less than asked only at end of file).
-[[nodiscard]] Result<size_t> read_full(int fd, uint64_t offset, std::span<std::byte> buf);
-[[nodiscard]] Result<void> write_full(int fd, uint64_t offset, std::span<const std::byte> buf);
+// Buffers whose address every O_DIRECT file accepts (kDirectIoMemAlign; the page size,
+// more than any file system or block device asks for), zero-filled like std::vector's.
+// The format drivers keep clusters, tables and bitmaps they read or write whole in these,
+// so ImageFile hands them to the kernel without a bounce.
+inline constexpr size_t kDirectIoMemAlign = 4096;
+template <class T>
+struct DirectIoAllocator {
+  using value_type = T;
+  DirectIoAllocator() = default;
+  template <class U>
+  DirectIoAllocator(const DirectIoAllocator<U>& /*other*/) noexcept {}
+  [[nodiscard]] T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kDirectIoMemAlign}));
+  }
+  void deallocate(T* p, size_t /*n*/) noexcept { ::operator delete(p, std::align_val_t{kDirectIoMemAlign}); }
+  template <class U>
+  bool operator==(const DirectIoAllocator<U>& /*other*/) const noexcept { return true; }
+};
+using AlignedBytes = std::vector<std::byte, DirectIoAllocator<std::byte>>;
+
+// One image file (or block device) with synchronous positional I/O: what the qcow2, VHD and
+// raw-in-a-chain drivers read and write through. Move-only owner of the descriptor.
+//
+// O_DIRECT: open() asks for it when the options do, and falls back to buffered I/O where the
+// file system refuses it (open(2) fails with EINVAL, as on tmpfs before Linux 6.6 and some
+// FUSE file systems; statx(2) STATX_DIOALIGN reports no direct I/O support; or a first
+// aligned read fails with EINVAL); direct() says which is in use. With O_DIRECT the kernel
+// wants the file offset and the length to be multiples of alignment() and the buffer
+// address one of mem_alignment() (open(2) "O_DIRECT"). Requests that are aligned go
+// straight to the kernel; any other goes through an aligned bounce buffer: a read reads the
+// aligned blocks around it, a write reads the first and last of them when the request
+// covers them only partly, patches them, and writes all of them back in one pwrite
+// (read-modify-write). The blocks rewritten around the request get the bytes they already
+// hold, so a crash tears at most what a buffered write of the request would tear, and a
+// change inside one logical block stays one block-sized write.
+//
+// Not thread-safe. Invariant: between the read and the write of a read-modify-write, nothing
+// else writes to the blocks it rewrites (a write in between would be undone), and nothing
+// uses the shared bounce buffer. Every user keeps it by doing all I/O on its ImageFile under
+// its image's one mutex (Qcow2Image::mu_, VhdImage::mu_, RawImage::mu_), and by giving each
+// open file one writer: a chain's backing files and VHD parents are opened read-only, and
+// where one file is open twice (block-commit's read-write base beside the read-only handle
+// the chain keeps on it: QdiskDevice::start_commit, backends/block/qdisk.cc) only one handle
+// writes. A reader through another handle is unaffected: the bytes a read-modify-write puts
+// back around the request are the ones already there.
+class ImageFile {
+ public:
+  // Opens an existing file or block device (O_NONBLOCK: a FIFO named as an image must not
+  // block the open; anything but a regular file or a block device is refused).
+  [[nodiscard]] static Result<ImageFile> open(const std::string& path, ReadOnly read_only, DirectIo direct);
+  // Creates (or truncates) a regular file for writing a new image, buffered.
+  [[nodiscard]] static Result<ImageFile> create(const std::string& path);
+
+  ImageFile(ImageFile&&) noexcept = default;
+  ImageFile& operator=(ImageFile&&) noexcept = default;
+  ImageFile(const ImageFile&) = delete;
+  ImageFile& operator=(const ImageFile&) = delete;
+  ~ImageFile() = default;
+
+  [[nodiscard]] int fd() const { return fd_.get(); }
+  [[nodiscard]] const std::string& path() const { return path_; }
+  // The file's size as of open(), grown by write()s past it (BLKGETSIZE64 for a device).
+  [[nodiscard]] uint64_t size() const { return size_; }
+  [[nodiscard]] bool direct() const { return direct_; }
+  [[nodiscard]] bool block_device() const { return block_device_; }
+  // O_DIRECT's file offset and length alignment, and buffer address alignment (1 when
+  // buffered): statx(2) STATX_DIOALIGN for files, BLKSSZGET for block devices, 4096 for
+  // files whose file system does not report it.
+  [[nodiscard]] uint32_t alignment() const { return align_; }
+  [[nodiscard]] uint32_t mem_alignment() const { return mem_align_; }
+
+  // Reads [offset, offset + buf.size()); returns the bytes read, fewer only at end of file.
+  [[nodiscard]] Result<size_t> read_full(uint64_t offset, std::span<std::byte> buf);
+  // The same; a read that ends early is an error (EIO, "file ends early").
+  [[nodiscard]] Result<void> read_exact(uint64_t offset, std::span<std::byte> buf);
+  // Writes all of `buf` at `offset`; size() grows to cover it (and the file to exactly
+  // that, also when a read-modify-write had to write a whole block past it).
+  [[nodiscard]] Result<void> write(uint64_t offset, std::span<const std::byte> buf);
+  // fdatasync(2): every write() before it is durable, with what is needed to read it back.
+  [[nodiscard]] Result<void> sync();
+
+ private:
+  ImageFile(std::string path, UniqueFd fd) : path_(std::move(path)), fd_(std::move(fd)) {}
+  // Type, size, and (with O_DIRECT) alignment; clears O_DIRECT where it does not work.
+  [[nodiscard]] Result<void> probe();
+  [[nodiscard]] bool aligned(uint64_t offset, size_t length, const void* buf) const;
+  [[nodiscard]] std::span<std::byte> bounce(size_t bytes);
+  // One aligned pread of `buf` at `offset`, retried while it ends short on a block boundary
+  // before the end of the file; the bytes read.
+  [[nodiscard]] Result<size_t> pread_blocks(uint64_t offset, std::span<std::byte> buf);
+  // One bounced step of read_full()/write() at `offset`: the bytes transferred (a read may
+  // transfer 0: end of file).
+  [[nodiscard]] Result<size_t> read_bounced(uint64_t offset, std::span<std::byte> buf);
+  [[nodiscard]] Result<size_t> write_bounced(uint64_t offset, std::span<const std::byte> buf);
+
+  std::string path_;
+  UniqueFd fd_;
+  uint64_t size_ = 0;
+  bool direct_ = false;
+  bool block_device_ = false;
+  uint32_t align_ = 1;
+  uint32_t mem_align_ = 1;
+  AlignedBytes bounce_;  // grown on demand up to kMaxBounce (formats.cc) plus one block
+};
 
 }  // namespace pvhost::block

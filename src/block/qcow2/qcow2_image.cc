@@ -1,6 +1,5 @@
 #include "src/block/qcow2/qcow2_image.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,7 +14,6 @@
 #include <fmt/format.h>
 
 #include "src/block/qcow2/qcow2_format.h"
-#include "src/fd.h"
 #include "src/log.h"
 
 // Crash-safe ordering
@@ -85,7 +83,7 @@ constexpr size_t kRefblockCacheTables = 16;
 class TableCache {
  public:
   struct Table {
-    std::vector<std::byte> data;
+    AlignedBytes data;  // cluster-sized; aligned for O_DIRECT (ImageFile)
     bool dirty = false;
     uint64_t used = 0;
   };
@@ -98,7 +96,7 @@ class TableCache {
     return &it->second;
   }
   // Inserts a table; evicts clean tables beyond capacity (never dirty ones, never `off`).
-  Table& insert(uint64_t off, std::vector<std::byte> data, bool dirty) {
+  Table& insert(uint64_t off, AlignedBytes data, bool dirty) {
     while (map_.size() >= capacity_) {
       auto victim = map_.end();
       for (auto it = map_.begin(); it != map_.end(); ++it) {
@@ -135,12 +133,13 @@ class TableCache {
 
 class Qcow2Image final : public Image {
  public:
-  Qcow2Image(std::string path, UniqueFd fd, Header h, uint64_t file_size, bool read_only)
-      : path_(std::move(path)), fd_(std::move(fd)), h_(std::move(h)), cs_(h_.cluster_size()),
-        file_size_(file_size), read_only_(read_only), l2_cache_(kL2CacheTables), rb_cache_(kRefblockCacheTables) {
+  Qcow2Image(ImageFile file, Header h, bool read_only)
+      : path_(file.path()), h_(std::move(h)), cs_(h_.cluster_size()), file_(std::move(file)),
+        read_only_(read_only), l2_cache_(kL2CacheTables), rb_cache_(kRefblockCacheTables) {
     info_.format = "qcow2";
     info_.size_bytes = h_.size;
     info_.read_only = read_only;
+    info_.direct_io = file_.direct();
     info_.discard = !read_only;
     info_.discard_granularity = static_cast<uint32_t>(std::min<uint64_t>(cs_, 1u << 20));
   }
@@ -152,11 +151,12 @@ class Qcow2Image final : public Image {
     }
   }
 
-  Result<void> load_tables(ChainGuard& guard) {
+  // `direct`: the O_DIRECT wish this image was opened with, passed down the chain.
+  Result<void> load_tables(ChainGuard& guard, DirectIo direct) {
     l1_.resize(h_.l1_size);
     if (h_.l1_size > 0) {
-      std::vector<std::byte> buf(h_.l1_bytes());
-      PVHOST_TRY_CTX(read_exact(h_.l1_table_offset, buf), "reading the L1 table");
+      AlignedBytes buf(h_.l1_bytes());
+      PVHOST_TRY_CTX(file_.read_exact(h_.l1_table_offset, buf), "reading the L1 table");
       for (size_t i = 0; i < l1_.size(); ++i) {
         l1_[i] = load_be64(buf.data() + i * 8);
         const uint64_t l2 = l1_[i] & qcow2::kL1OffsetMask;
@@ -165,8 +165,8 @@ class Qcow2Image final : public Image {
     }
     rt_.resize(h_.refcount_table_bytes() / 8);
     {
-      std::vector<std::byte> buf(h_.refcount_table_bytes());
-      PVHOST_TRY_CTX(read_exact(h_.refcount_table_offset, buf), "reading the refcount table");
+      AlignedBytes buf(h_.refcount_table_bytes());
+      PVHOST_TRY_CTX(file_.read_exact(h_.refcount_table_offset, buf), "reading the refcount table");
       for (size_t i = 0; i < rt_.size(); ++i) {
         rt_[i] = load_be64(buf.data() + i * 8);
         const uint64_t rb = rt_[i] & qcow2::kRefTableOffsetMask;
@@ -177,6 +177,7 @@ class Qcow2Image final : public Image {
       OpenOptions bo;
       bo.path = resolve_backing_path(path_, h_.backing_file);
       bo.read_only = ReadOnly::yes;
+      bo.direct = direct;
       backing_ = PVHOST_TRY_CTX(open_any_in_chain(h_.backing_format, bo, guard),
                                 fmt::format("opening backing file {}", bo.path));
     }
@@ -192,7 +193,7 @@ class Qcow2Image final : public Image {
     d.format = "qcow2";
     d.virtual_size = h_.size;
     struct stat st {};
-    if (::fstat(fd_.get(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (::fstat(file_.fd(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
     d.cluster_size = cs_;
     d.dirty = false;
     d.backing_filename = h_.backing_file;
@@ -283,27 +284,11 @@ class Qcow2Image final : public Image {
   }
 
  private:
-  // ---- raw file access ----
-  Result<void> read_exact(uint64_t off, std::span<std::byte> buf) {
-    const size_t got = PVHOST_TRY(read_full(fd_.get(), off, buf));
-    if (got != buf.size()) return fail(EIO, fmt::format("short read at {} (file ends early)", off));
-    return {};
-  }
-  Result<void> write_file(uint64_t off, std::span<const std::byte> buf) {
-    PVHOST_TRY(write_full(fd_.get(), off, buf));
-    file_size_ = std::max(file_size_, off + buf.size());
-    return {};
-  }
-  Result<void> sync() {
-    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
-    return {};
-  }
-
   // A metadata table (L2 table, refcount block) offset read from the image: one aligned
   // cluster inside the file, clear of the header, the L1 table and the refcount table.
   Result<void> check_metadata(uint64_t off, const std::string& what) const {
     if (off % cs_ != 0) return fail(EINVAL, fmt::format("{} at {:#x} is not cluster aligned", what, off));
-    if (off > file_size_ || cs_ > file_size_ - off)
+    if (off > file_.size() || cs_ > file_.size() - off)
       return fail(EINVAL, fmt::format("{} at {:#x} is past the end of the file", what, off));
     return check_clear_of_fixed_metadata(off, what);
   }
@@ -320,8 +305,8 @@ class Qcow2Image final : public Image {
   // ---- refcounts ----
   Result<TableCache::Table*> refblock(uint64_t off) {
     if (auto* t = rb_cache_.find(off)) return t;
-    std::vector<std::byte> data(cs_);
-    PVHOST_TRY_CTX(read_exact(off, data), "reading a refcount block");
+    AlignedBytes data(cs_);
+    PVHOST_TRY_CTX(file_.read_exact(off, data), "reading a refcount block");
     return &rb_cache_.insert(off, std::move(data), false);
   }
 
@@ -363,7 +348,7 @@ class Qcow2Image final : public Image {
       }
       if (self == first + per_block) return fail(ENOSPC, fmt::format("no cluster for the refcount block covering cluster {}", cluster));
       rb = self * cs_;
-      std::vector<std::byte> data(cs_);
+      AlignedBytes data(cs_);
       qcow2::set_refcount(data, h_.refcount_order, self - first, 1);
       rb_cache_.insert(rb, std::move(data), true);
       rt_[rt_index] = rb;
@@ -416,14 +401,14 @@ class Qcow2Image final : public Image {
     const uint64_t per_block = h_.refblock_entries();
     // Past the file's end (a crash during an earlier growth may have left an area there)
     // and past all the old table covers (clusters allocated only in the caches lie inside).
-    const uint64_t start = std::max<uint64_t>(rt_.size() * per_block, (file_size_ + cs_ - 1) / cs_);
+    const uint64_t start = std::max<uint64_t>(rt_.size() * per_block, (file_.size() + cs_ - 1) / cs_);
     const qcow2::RefcountTableGrowth g =
         PVHOST_TRY_CTX(qcow2::plan_refcount_table_growth(h_, start, cluster / per_block + 1),
                        "growing the refcount table");
     // g1.
     PVHOST_TRY(write_dirty(rb_cache_));
     // g2. Refcount blocks, then the table, as one buffer.
-    std::vector<std::byte> area(g.area_clusters() * cs_);
+    AlignedBytes area(g.area_clusters() * cs_);
     const std::span<std::byte> blocks = std::span(area).first(g.block_count * cs_);
     for (uint64_t c = start; c < start + g.area_clusters(); ++c) {
       const uint64_t b = c / per_block - g.first_block_index;
@@ -435,14 +420,17 @@ class Qcow2Image final : public Image {
       rt[g.first_block_index + b] = g.blocks_offset + b * cs_;
     std::byte* table = area.data() + g.block_count * cs_;
     for (size_t i = 0; i < rt.size(); ++i) store_be64(table + i * 8, rt[i]);
-    PVHOST_TRY_CTX(write_file(g.blocks_offset, area), "writing a new refcount table");
-    PVHOST_TRY(sync());
-    // g3. refcount_table_offset (bytes 48-55) and refcount_table_clusters (56-59).
+    PVHOST_TRY_CTX(file_.write(g.blocks_offset, area), "writing a new refcount table");
+    PVHOST_TRY(file_.sync());
+    // g3. refcount_table_offset (bytes 48-55) and refcount_table_clusters (56-59). With
+    // O_DIRECT, ImageFile makes this a read-modify-write of the file's first logical block
+    // (alignment(): 512 bytes on the usual disk, 4096 at most): one pwrite of that block,
+    // whose other bytes get what they hold, so still one sector changes on disk.
     std::byte hdr[12];
     store_be64(hdr, g.table_offset);
     store_be32(hdr + 8, g.table_clusters);
-    auto switched = write_file(48, hdr);
-    if (switched) switched = sync();
+    auto switched = file_.write(48, hdr);
+    if (switched) switched = file_.sync();
     if (!switched) {
       broken_ = true;  // the header may name either table now: no further metadata writes
       return with_context(std::move(switched), "switching to the new refcount table");
@@ -496,7 +484,7 @@ class Qcow2Image final : public Image {
     if (l2 == 0) {
       if (!allocate) return s;
       l2 = PVHOST_TRY(alloc_cluster());
-      s.table = &l2_cache_.insert(l2, std::vector<std::byte>(cs_), true);
+      s.table = &l2_cache_.insert(l2, AlignedBytes(cs_), true);
       l1_[l1_index] = l2 | qcow2::kOflagCopied;
       l1_dirty_.insert(l1_index);
       return s;
@@ -508,8 +496,8 @@ class Qcow2Image final : public Image {
       return s;
     }
     PVHOST_TRY(check_metadata(l2, "L2 table"));
-    std::vector<std::byte> data(cs_);
-    PVHOST_TRY_CTX(read_exact(l2, data), "reading an L2 table");
+    AlignedBytes data(cs_);
+    PVHOST_TRY_CTX(file_.read_exact(l2, data), "reading an L2 table");
     s.table = &l2_cache_.insert(l2, std::move(data), false);
     return s;
   }
@@ -530,7 +518,7 @@ class Qcow2Image final : public Image {
         return {};
       case ClusterMapping::Kind::normal: {
         PVHOST_TRY(check_clear_of_fixed_metadata(m.host_offset, "data cluster"));
-        const size_t got = PVHOST_TRY(read_full(fd_.get(), m.host_offset + in, out));
+        const size_t got = PVHOST_TRY(file_.read_full(m.host_offset + in, out));
         // A data cluster past the end of the file (preallocation=metadata) reads as zeroes.
         std::memset(out.data() + got, 0, out.size() - got);
         return {};
@@ -538,7 +526,7 @@ class Qcow2Image final : public Image {
       case ClusterMapping::Kind::compressed: {
         if (m.compressed_size > 2 * cs_ + 512) return fail(EINVAL, "compressed cluster too large");
         std::vector<std::byte> cbuf(m.compressed_size);
-        const size_t got = PVHOST_TRY(read_full(fd_.get(), m.host_offset, cbuf));
+        const size_t got = PVHOST_TRY(file_.read_full(m.host_offset, cbuf));
         if (got == 0) return fail(EIO, fmt::format("compressed cluster at {:#x} past the end of the file", m.host_offset));
         std::vector<std::byte> plain(cs_);
         PVHOST_TRY(qcow2::inflate_cluster(std::span(cbuf).first(got), plain));
@@ -570,14 +558,14 @@ class Qcow2Image final : public Image {
     const uint64_t in = guest & (cs_ - 1);
     if (m.kind == ClusterMapping::Kind::normal && m.copied) {
       PVHOST_TRY(check_clear_of_fixed_metadata(m.host_offset, "data cluster"));
-      return write_file(m.host_offset + in, data);
+      return file_.write(m.host_offset + in, data);
     }
     // Copy-on-write into a new cluster (ordering: see the comment block at the top).
-    std::vector<std::byte> buf(cs_);
+    AlignedBytes buf(cs_);
     if (data.size() != cs_) PVHOST_TRY(read_mapped(m, guest - in, buf));
     std::memcpy(buf.data() + in, data.data(), data.size());
     const uint64_t host = PVHOST_TRY(alloc_cluster());
-    PVHOST_TRY(write_file(host, buf));
+    PVHOST_TRY(file_.write(host, buf));
     // alloc_cluster may have evicted tables; look the slot up again (the L2 table is dirty
     // or was just read, and dirty tables are never evicted).
     s = PVHOST_TRY(l2_slot(guest, true));
@@ -591,7 +579,7 @@ class Qcow2Image final : public Image {
     if (n != cs_ || (h_.version < 3 && backing_)) {
       // A partial cluster, or a v2 image whose unallocated clusters show the backing file:
       // zeroes are written instead.
-      std::vector<std::byte> zero(static_cast<size_t>(n));
+      AlignedBytes zero(static_cast<size_t>(n));
       return write_cluster_part(guest, zero);
     }
     L2Slot s = PVHOST_TRY(l2_slot(guest, false));
@@ -628,28 +616,28 @@ class Qcow2Image final : public Image {
   Result<void> writeback_steps() {
     // a. refcount blocks (increments, new blocks); the sync also covers guest data.
     PVHOST_TRY(write_dirty(rb_cache_));
-    PVHOST_TRY(sync());
+    PVHOST_TRY(file_.sync());
     // b. refcount table entries pointing at new refcount blocks.
     if (!rt_dirty_.empty()) {
       for (uint64_t i : rt_dirty_) {
         std::byte e[8];
         store_be64(e, rt_[i]);
-        PVHOST_TRY(write_file(h_.refcount_table_offset + i * 8, e));
+        PVHOST_TRY(file_.write(h_.refcount_table_offset + i * 8, e));
       }
       rt_dirty_.clear();
-      PVHOST_TRY(sync());
+      PVHOST_TRY(file_.sync());
     }
     // c. L2 tables.
-    if (PVHOST_TRY(write_dirty(l2_cache_))) PVHOST_TRY(sync());
+    if (PVHOST_TRY(write_dirty(l2_cache_))) PVHOST_TRY(file_.sync());
     // d. L1 entries pointing at new L2 tables.
     if (!l1_dirty_.empty()) {
       for (uint64_t i : l1_dirty_) {
         std::byte e[8];
         store_be64(e, l1_[i]);
-        PVHOST_TRY(write_file(h_.l1_table_offset + i * 8, e));
+        PVHOST_TRY(file_.write(h_.l1_table_offset + i * 8, e));
       }
       l1_dirty_.clear();
-      PVHOST_TRY(sync());
+      PVHOST_TRY(file_.sync());
     }
     // e. refcount decrements of clusters no longer referenced on disk.
     if (!pending_free_.empty()) {
@@ -659,7 +647,7 @@ class Qcow2Image final : public Image {
         PVHOST_TRY(add_refcount(c, -1));
         free_hint_ = std::min(free_hint_, c);
       }
-      if (PVHOST_TRY(write_dirty(rb_cache_))) PVHOST_TRY(sync());
+      if (PVHOST_TRY(write_dirty(rb_cache_))) PVHOST_TRY(file_.sync());
     }
     return {};
   }
@@ -667,21 +655,20 @@ class Qcow2Image final : public Image {
   Result<bool> write_dirty(TableCache& cache) {
     auto dirty = cache.dirty_tables();
     for (auto& [off, t] : dirty) {
-      PVHOST_TRY(write_file(off, t->data));
+      PVHOST_TRY(file_.write(off, t->data));
       t->dirty = false;
     }
     return !dirty.empty();
   }
 
   std::string path_;
-  UniqueFd fd_;
   Header h_;
   uint64_t cs_;
   DriverInfo info_;
   std::unique_ptr<Image> backing_;
 
-  std::mutex mu_;  // guards everything below (metadata and the file's data layout)
-  uint64_t file_size_;
+  std::mutex mu_;  // guards everything below (metadata, the file's data layout, its I/O)
+  ImageFile file_;
   bool read_only_;
   bool broken_ = false;
   std::vector<uint64_t> l1_;
@@ -698,21 +685,17 @@ class Qcow2Image final : public Image {
 
 Result<std::unique_ptr<Image>> open_qcow2_in_chain(const OpenOptions& o, ChainGuard& guard) {
   const bool ro = o.read_only == ReadOnly::yes;
-  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK));
-  if (!fd) return fail_errno(fmt::format("opening {}", o.path));
-  // O_NONBLOCK: a FIFO named as an image must not block the open (ChainGuard refuses it).
-  PVHOST_TRY(guard.enter(fd.get(), o.path));
-  struct stat st {};
-  if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-  std::vector<std::byte> head(static_cast<size_t>(std::min<uint64_t>(file_size, 2u << 20)));
-  const size_t got = PVHOST_TRY_CTX(read_full(fd.get(), 0, head), o.path);
+  ImageFile file = PVHOST_TRY(ImageFile::open(o.path, o.read_only, o.direct));
+  PVHOST_TRY(guard.enter(file.fd(), o.path));
+  const uint64_t file_size = file.size();
+  AlignedBytes head(static_cast<size_t>(std::min<uint64_t>(file_size, 2u << 20)));
+  const size_t got = PVHOST_TRY_CTX(file.read_full(0, head), o.path);
   head.resize(got);
   Header h = PVHOST_TRY_CTX(qcow2::parse_header(head, file_size), o.path);
   if (!ro && h.nb_snapshots > 0)
     return fail(ENOTSUP, fmt::format("{}: writing qcow2 images with internal snapshots is not supported; open read-only", o.path));
-  auto img = std::make_unique<Qcow2Image>(o.path, std::move(fd), std::move(h), file_size, ro);
-  PVHOST_TRY_CTX(img->load_tables(guard), o.path);
+  auto img = std::make_unique<Qcow2Image>(std::move(file), std::move(h), ro);
+  PVHOST_TRY_CTX(img->load_tables(guard, o.direct), o.path);
   return std::unique_ptr<Image>(std::move(img));
 }
 
@@ -756,16 +739,15 @@ Result<void> create_qcow2(const std::string& path, uint64_t size, const Qcow2Cre
   if (clusters > h.refblock_entries()) return fail(EFBIG, "size too large for this cluster size (refcounts)");
   std::vector<std::byte> head = PVHOST_TRY(qcow2::build_header(h));
 
-  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd) return fail_errno(fmt::format("creating {}", path));
+  ImageFile f = PVHOST_TRY(ImageFile::create(path));
   std::vector<std::byte> rt(rt_clusters * cs), rb(cs), l1(l1_clusters * cs);
   store_be64(rt.data(), rb_offset);
   for (uint64_t c = 0; c < clusters; ++c) qcow2::set_refcount(rb, h.refcount_order, c, 1);
-  PVHOST_TRY_CTX(write_full(fd.get(), 0, head), path);
-  PVHOST_TRY_CTX(write_full(fd.get(), cs, rt), path);
-  PVHOST_TRY_CTX(write_full(fd.get(), rb_offset, rb), path);
-  PVHOST_TRY_CTX(write_full(fd.get(), h.l1_table_offset, l1), path);
-  if (::fsync(fd.get()) < 0) return fail_errno(fmt::format("fsync {}", path));
+  PVHOST_TRY_CTX(f.write(0, head), path);
+  PVHOST_TRY_CTX(f.write(cs, rt), path);
+  PVHOST_TRY_CTX(f.write(rb_offset, rb), path);
+  PVHOST_TRY_CTX(f.write(h.l1_table_offset, l1), path);
+  if (::fsync(f.fd()) < 0) return fail_errno(fmt::format("fsync {}", path));
   return {};
 }
 

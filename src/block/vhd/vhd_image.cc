@@ -1,6 +1,5 @@
 #include "src/block/vhd/vhd_image.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,7 +15,6 @@
 
 #include "src/block/counting_image.h"
 #include "src/block/vhd/vhd_format.h"
-#include "src/fd.h"
 #include "src/log.h"
 
 // Write ordering (dynamic and differencing disks)
@@ -42,11 +40,12 @@ constexpr uint64_t kSector = 512;
 
 class VhdImage final : public Image {
  public:
-  VhdImage(std::string path, UniqueFd fd, Footer f, uint64_t file_size, bool ro)
-      : path_(std::move(path)), fd_(std::move(fd)), footer_(f), file_size_(file_size), read_only_(ro) {
+  VhdImage(ImageFile file, Footer f, bool ro)
+      : path_(file.path()), footer_(f), file_(std::move(file)), read_only_(ro) {
     info_.format = "vpc";
     info_.size_bytes = footer_.virtual_size();
     info_.read_only = ro;
+    info_.direct_io = file_.direct();
     info_.discard = false;
   }
   ~VhdImage() override {
@@ -56,19 +55,21 @@ class VhdImage final : public Image {
     }
   }
 
-  Result<void> load(ChainGuard& guard) {
+  // `direct`: the O_DIRECT wish this image was opened with, passed down the chain.
+  Result<void> load(ChainGuard& guard, DirectIo direct) {
+    const uint64_t file_size = file_.size();
     if (footer_.disk_type == vhd::kDiskFixed) {
-      if (info_.size_bytes > file_size_ - kSector) return fail(EINVAL, "fixed VHD shorter than its size");
+      if (info_.size_bytes > file_size - kSector) return fail(EINVAL, "fixed VHD shorter than its size");
       return {};
     }
-    if (footer_.data_offset % kSector != 0 || footer_.data_offset > file_size_ || 1024 > file_size_ - footer_.data_offset)
+    if (footer_.data_offset % kSector != 0 || footer_.data_offset > file_size || 1024 > file_size - footer_.data_offset)
       return fail(EINVAL, fmt::format("VHD dynamic header offset {} outside the file", footer_.data_offset));
-    std::vector<std::byte> hb(1024);
-    PVHOST_TRY(read_exact(footer_.data_offset, hb));
-    dyn_ = PVHOST_TRY(vhd::parse_dynamic_header(hb, file_size_, info_.size_bytes));
+    AlignedBytes hb(1024);
+    PVHOST_TRY(file_.read_exact(footer_.data_offset, hb));
+    dyn_ = PVHOST_TRY(vhd::parse_dynamic_header(hb, file_size, info_.size_bytes));
     bat_.resize(dyn_.max_table_entries);
-    std::vector<std::byte> bb(bat_.size() * 4);
-    PVHOST_TRY_CTX(read_exact(dyn_.table_offset, bb), "reading the BAT");
+    AlignedBytes bb(bat_.size() * 4);
+    PVHOST_TRY_CTX(file_.read_exact(dyn_.table_offset, bb), "reading the BAT");
     const uint64_t span = dyn_.bitmap_bytes() + dyn_.block_size;
     for (size_t i = 0; i < bat_.size(); ++i) {
       bat_[i] = load_be32(bb.data() + i * 4);
@@ -80,10 +81,10 @@ class VhdImage final : public Image {
         return fail(EINVAL, fmt::format("VHD BAT entry {} overlaps the BAT", i));
       if (off < footer_.data_offset + 1024)
         return fail(EINVAL, fmt::format("VHD BAT entry {} overlaps the headers", i));
-      if (off + dyn_.bitmap_bytes() > file_size_)
+      if (off + dyn_.bitmap_bytes() > file_size)
         return fail(EINVAL, fmt::format("VHD BAT entry {} (sector {}) past the end of the file", i, bat_[i]));
     }
-    if (footer_.disk_type == vhd::kDiskDifferencing) PVHOST_TRY(open_parent(guard));
+    if (footer_.disk_type == vhd::kDiskDifferencing) PVHOST_TRY(open_parent(guard, direct));
     return {};
   }
 
@@ -95,7 +96,7 @@ class VhdImage final : public Image {
     d.format = "vpc";
     d.virtual_size = info_.size_bytes;
     struct stat st {};
-    if (::fstat(fd_.get(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (::fstat(file_.fd(), &st) == 0) d.actual_size = static_cast<uint64_t>(st.st_blocks) * 512;
     if (footer_.disk_type != vhd::kDiskFixed) d.cluster_size = dyn_.block_size;
     if (parent_) {
       d.backing_filename = parent_->path();
@@ -124,7 +125,7 @@ class VhdImage final : public Image {
     if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
     PVHOST_TRY(check_range(offset, length));
     std::lock_guard lock(mu_);
-    std::vector<std::byte> zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
+    AlignedBytes zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
     while (length > 0) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(length, zero.size()));
       if (footer_.disk_type == vhd::kDiskDynamic) {
@@ -189,28 +190,17 @@ class VhdImage final : public Image {
   }
 
  private:
-  Result<void> read_exact(uint64_t off, std::span<std::byte> buf) {
-    const size_t got = PVHOST_TRY(read_full(fd_.get(), off, buf));
-    if (got != buf.size()) return fail(EIO, fmt::format("short read at {} (file ends early)", off));
-    return {};
-  }
-  Result<void> write_file(uint64_t off, std::span<const std::byte> buf) {
-    PVHOST_TRY(write_full(fd_.get(), off, buf));
-    file_size_ = std::max(file_size_, off + buf.size());
-    return {};
-  }
-
-  Result<void> open_parent(ChainGuard& guard) {
+  Result<void> open_parent(ChainGuard& guard, DirectIo direct) {
     // Parent locators (spec "Parent Locator Entry"): W2ru (relative) first, then W2ku
     // (absolute), then MacX; finally the parent's unicode name next to this file.
     std::vector<std::string> candidates;
     for (uint32_t code : {vhd::kPlatformW2ru, vhd::kPlatformW2ku, vhd::kPlatformMacX}) {
       for (const auto& l : dyn_.locators) {
         if (l.platform_code != code || l.data_length == 0) continue;
-        if (l.data_length > 65536 || l.data_offset > file_size_ || l.data_length > file_size_ - l.data_offset)
+        if (l.data_length > 65536 || l.data_offset > file_.size() || l.data_length > file_.size() - l.data_offset)
           return fail(EINVAL, "VHD parent locator data outside the file");
         std::vector<std::byte> raw(l.data_length);
-        PVHOST_TRY(read_exact(l.data_offset, raw));
+        PVHOST_TRY(file_.read_exact(l.data_offset, raw));
         std::string p;
         if (code == vhd::kPlatformMacX) {
           p.assign(reinterpret_cast<const char*>(raw.data()), raw.size());
@@ -237,6 +227,7 @@ class VhdImage final : public Image {
       OpenOptions po;
       po.path = c;
       po.read_only = ReadOnly::yes;
+      po.direct = direct;
       auto parent = PVHOST_TRY_CTX(open_any_in_chain("vpc", po, guard), fmt::format("opening parent {}", c));
       auto* pv = dynamic_cast<VhdImage*>(unwrap_counting(parent.get()));
       if (pv == nullptr) return fail(EINVAL, "VHD parent is not a VHD");
@@ -249,11 +240,11 @@ class VhdImage final : public Image {
     return fail(ENOENT, fmt::format("VHD parent not found (tried {})", tried));
   }
 
-  Result<std::vector<std::byte>*> bitmap(uint64_t block) {
+  Result<AlignedBytes*> bitmap(uint64_t block) {
     auto it = bitmaps_.find(block);
     if (it != bitmaps_.end()) return &it->second;
-    std::vector<std::byte> bm(dyn_.bitmap_bytes());
-    PVHOST_TRY_CTX(read_exact(uint64_t{bat_[block]} * kSector, bm), "reading a sector bitmap");
+    AlignedBytes bm(dyn_.bitmap_bytes());
+    PVHOST_TRY_CTX(file_.read_exact(uint64_t{bat_[block]} * kSector, bm), "reading a sector bitmap");
     if (bitmaps_.size() > 256) {
       for (auto i = bitmaps_.begin(); i != bitmaps_.end();) {
         i = dirty_bitmaps_.count(i->first) ? std::next(i) : bitmaps_.erase(i);
@@ -262,10 +253,10 @@ class VhdImage final : public Image {
     return &bitmaps_.emplace(block, std::move(bm)).first->second;
   }
   // Spec "Sector bitmap": bit 7 of byte 0 is the first sector of the block.
-  static bool bit(const std::vector<std::byte>& bm, uint64_t s) {
+  static bool bit(const AlignedBytes& bm, uint64_t s) {
     return (std::to_integer<unsigned>(bm[s / 8]) >> (7 - s % 8)) & 1;
   }
-  static void set_bit(std::vector<std::byte>& bm, uint64_t s) {
+  static void set_bit(AlignedBytes& bm, uint64_t s) {
     bm[s / 8] |= std::byte(0x80 >> (s % 8));
   }
 
@@ -277,7 +268,7 @@ class VhdImage final : public Image {
 
   Result<void> read_locked(uint64_t offset, std::span<std::byte> buf) {
     if (footer_.disk_type == vhd::kDiskFixed) {
-      const size_t got = PVHOST_TRY(read_full(fd_.get(), offset, buf));
+      const size_t got = PVHOST_TRY(file_.read_full(offset, buf));
       std::memset(buf.data() + got, 0, buf.size() - got);
       return {};
     }
@@ -317,17 +308,17 @@ class VhdImage final : public Image {
 
   Result<void> read_data(uint64_t block, uint64_t in, std::span<std::byte> out) {
     const uint64_t off = uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in;
-    const size_t got = PVHOST_TRY(read_full(fd_.get(), off, out));
+    const size_t got = PVHOST_TRY(file_.read_full(off, out));
     std::memset(out.data() + got, 0, out.size() - got);
     return {};
   }
 
   Result<void> write_locked(uint64_t offset, std::span<const std::byte> buf) {
-    if (footer_.disk_type == vhd::kDiskFixed) return write_full(fd_.get(), offset, buf);
+    if (footer_.disk_type == vhd::kDiskFixed) return file_.write(offset, buf);
     // Whole sectors only (bitmaps are per sector): widen with what is there now.
     const uint64_t start = offset / kSector * kSector;
     const uint64_t end = (offset + buf.size() + kSector - 1) / kSector * kSector;
-    std::vector<std::byte> widened;
+    AlignedBytes widened;
     if (start != offset || end != offset + buf.size()) {
       widened.resize(end - start);
       PVHOST_TRY(read_locked(start, std::span(widened).first(kSector)));
@@ -342,7 +333,7 @@ class VhdImage final : public Image {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), dyn_.block_size - in));
       if (bat_[block] == vhd::kBatUnused) PVHOST_TRY(allocate_block(block));
       const uint64_t off = uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in;
-      PVHOST_TRY(write_file(off, buf.first(n)));
+      PVHOST_TRY(file_.write(off, buf.first(n)));
       if (footer_.disk_type == vhd::kDiskDifferencing) {
         auto* bm = PVHOST_TRY(bitmap(block));
         for (uint64_t s = in / kSector; s < (in + n) / kSector; ++s) set_bit(*bm, s);
@@ -358,70 +349,72 @@ class VhdImage final : public Image {
   Result<void> allocate_block(uint64_t block) {
     const uint64_t span = dyn_.bitmap_bytes() + dyn_.block_size;
     // The block goes where the footer is: the end of the file, minus the footer.
-    uint64_t at = file_size_ >= kSector ? (file_size_ - kSector) / kSector * kSector : 0;
+    uint64_t at = file_.size() >= kSector ? (file_.size() - kSector) / kSector * kSector : 0;
     at = std::max(at, dyn_.table_offset + (uint64_t{dyn_.max_table_entries} * 4 + kSector - 1) / kSector * kSector);
     if ((at / kSector) >= vhd::kBatUnused) return fail(EFBIG, "VHD file would exceed 2 TiB of sectors");
     const auto f = vhd::build_footer(footer_);
-    PVHOST_TRY(write_file(at + span, f));
-    std::vector<std::byte> blk(span);
+    PVHOST_TRY(file_.write(at + span, f));
+    AlignedBytes blk(span);
     if (footer_.disk_type == vhd::kDiskDynamic) {
       // Dynamic disks: every sector of an allocated block is "in use" (QEMU does the same).
       std::memset(blk.data(), 0xff, static_cast<size_t>(dyn_.block_size / kSector / 8));
     }
-    PVHOST_TRY(write_file(at, blk));
+    PVHOST_TRY(file_.write(at, blk));
     bat_[block] = static_cast<uint32_t>(at / kSector);
     dirty_bat_.insert(block);
-    if (footer_.disk_type == vhd::kDiskDifferencing) bitmaps_[block] = std::vector<std::byte>(dyn_.bitmap_bytes());
+    if (footer_.disk_type == vhd::kDiskDifferencing) bitmaps_[block] = AlignedBytes(dyn_.bitmap_bytes());
     return {};
   }
 
   Result<void> writeback() {
-    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
+    PVHOST_TRY(file_.sync());
     if (dirty_bitmaps_.empty() && dirty_bat_.empty()) return {};
-    for (uint64_t b : dirty_bitmaps_) PVHOST_TRY(write_file(uint64_t{bat_[b]} * kSector, bitmaps_[b]));
+    for (uint64_t b : dirty_bitmaps_) PVHOST_TRY(file_.write(uint64_t{bat_[b]} * kSector, bitmaps_[b]));
     dirty_bitmaps_.clear();
     std::set<uint64_t> sectors;
     for (uint64_t b : dirty_bat_) sectors.insert(b * 4 / kSector);
     for (uint64_t s : sectors) {
-      std::vector<std::byte> sec(kSector);
+      AlignedBytes sec(kSector);
       for (uint64_t i = 0; i < kSector / 4; ++i) {
         const uint64_t e = s * (kSector / 4) + i;
         store_be32(sec.data() + i * 4, e < bat_.size() ? bat_[e] : vhd::kBatUnused);
       }
       const uint64_t off = dyn_.table_offset + s * kSector;
+      // The last BAT sector may be partial: with O_DIRECT, ImageFile reads the rest of
+      // the sector (padding) and writes it back unchanged.
       const uint64_t len = std::min<uint64_t>(kSector, bat_.size() * 4 - s * kSector);
-      PVHOST_TRY(write_file(off, std::span<const std::byte>(sec).first(len)));
+      PVHOST_TRY(file_.write(off, std::span<const std::byte>(sec).first(len)));
     }
     dirty_bat_.clear();
-    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
-    return {};
+    return file_.sync();
   }
 
   std::string path_;
-  UniqueFd fd_;
   Footer footer_;
   DynamicHeader dyn_;
   DriverInfo info_;
   std::unique_ptr<Image> parent_;
-  std::mutex mu_;  // guards everything below
-  uint64_t file_size_;
+  std::mutex mu_;  // guards everything below (also the I/O on file_)
+  ImageFile file_;
   bool read_only_;
   std::vector<uint32_t> bat_;
   std::set<uint64_t> dirty_bat_;
-  std::map<uint64_t, std::vector<std::byte>> bitmaps_;
+  std::map<uint64_t, AlignedBytes> bitmaps_;
   std::set<uint64_t> dirty_bitmaps_;
 };
 
-Result<Footer> read_footer(int fd, uint64_t file_size, const std::string& path) {
+Result<Footer> read_footer(ImageFile& file) {
+  const std::string& path = file.path();
+  const uint64_t file_size = file.size();
   if (file_size < 512) return fail(EINVAL, fmt::format("{}: too short for a VHD footer", path));
   std::byte b[512];
-  PVHOST_TRY(read_full(fd, file_size - 512, b));
+  PVHOST_TRY(file.read_full(file_size - 512, b));
   auto f = vhd::parse_footer(b);
   if (f) return f;
   // Dynamic disks keep a copy at offset 0 (spec "Dynamic Disk Header Format"): a file
   // whose end was lost in a crash is still readable through it.
   std::byte c[512];
-  PVHOST_TRY(read_full(fd, 0, c));
+  PVHOST_TRY(file.read_full(0, c));
   auto copy = vhd::parse_footer(c);
   if (copy && copy->disk_type != vhd::kDiskFixed) return copy;
   return std::unexpected(std::move(f).error().add_context(path));
@@ -430,17 +423,11 @@ Result<Footer> read_footer(int fd, uint64_t file_size, const std::string& path) 
 }  // namespace
 
 Result<std::unique_ptr<Image>> open_vhd_in_chain(const OpenOptions& o, ChainGuard& guard) {
-  const bool ro = o.read_only == ReadOnly::yes;
-  UniqueFd fd(::open(o.path.c_str(), (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK));
-  if (!fd) return fail_errno(fmt::format("opening {}", o.path));
-  // O_NONBLOCK: a FIFO named as an image must not block the open (ChainGuard refuses it).
-  PVHOST_TRY(guard.enter(fd.get(), o.path));
-  struct stat st {};
-  if (::fstat(fd.get(), &st) < 0) return fail_errno(fmt::format("fstat {}", o.path));
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  Footer f = PVHOST_TRY(read_footer(fd.get(), size, o.path));
-  auto img = std::make_unique<VhdImage>(o.path, std::move(fd), f, size, ro);
-  PVHOST_TRY_CTX(img->load(guard), o.path);
+  ImageFile file = PVHOST_TRY(ImageFile::open(o.path, o.read_only, o.direct));
+  PVHOST_TRY(guard.enter(file.fd(), o.path));
+  Footer f = PVHOST_TRY(read_footer(file));
+  auto img = std::make_unique<VhdImage>(std::move(file), f, o.read_only == ReadOnly::yes);
+  PVHOST_TRY_CTX(img->load(guard, o.direct), o.path);
   return std::unique_ptr<Image>(std::move(img));
 }
 
@@ -451,11 +438,8 @@ Result<std::unique_ptr<Image>> open_vhd(const OpenOptions& o) {
 
 Result<void> create_vhd_differencing(const std::string& path, const std::string& parent_path) {
   // The parent's footer: size, geometry and the unique id the child records.
-  UniqueFd pfd(::open(parent_path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!pfd) return fail_errno(fmt::format("opening {}", parent_path));
-  struct stat pst {};
-  if (::fstat(pfd.get(), &pst) < 0) return fail_errno(fmt::format("fstat {}", parent_path));
-  Footer pf = PVHOST_TRY(read_footer(pfd.get(), static_cast<uint64_t>(pst.st_size), parent_path));
+  ImageFile pfile = PVHOST_TRY(ImageFile::open(parent_path, ReadOnly::yes, DirectIo::no));
+  Footer pf = PVHOST_TRY(read_footer(pfile));
 
   Footer f = pf;
   f.disk_type = vhd::kDiskDifferencing;
@@ -500,21 +484,20 @@ Result<void> create_vhd_differencing(const std::string& path, const std::string&
   const uint64_t ku_at = place(0, vhd::kPlatformW2ku, ku);
   const uint64_t ru_at = place(1, vhd::kPlatformW2ru, ru);
 
-  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd) return fail_errno(fmt::format("creating {}", path));
+  ImageFile out = PVHOST_TRY(ImageFile::create(path));
   const auto fb = vhd::build_footer(f);
   const auto hb = vhd::build_dynamic_header(h);
   std::vector<std::byte> bat(bat_bytes, std::byte{0xff});
-  PVHOST_TRY(write_full(fd.get(), 0, fb));
-  PVHOST_TRY(write_full(fd.get(), 512, hb));
-  PVHOST_TRY(write_full(fd.get(), h.table_offset, bat));
+  PVHOST_TRY(out.write(0, fb));
+  PVHOST_TRY(out.write(512, hb));
+  PVHOST_TRY(out.write(h.table_offset, bat));
   std::vector<std::byte> kus((ku.size() + 511) / 512 * 512), rus((ru.size() + 511) / 512 * 512);
   std::memcpy(kus.data(), ku.data(), ku.size());
   std::memcpy(rus.data(), ru.data(), ru.size());
-  PVHOST_TRY(write_full(fd.get(), ku_at, kus));
-  PVHOST_TRY(write_full(fd.get(), ru_at, rus));
-  PVHOST_TRY(write_full(fd.get(), off, fb));
-  if (::fsync(fd.get()) < 0) return fail_errno(fmt::format("fsync {}", path));
+  PVHOST_TRY(out.write(ku_at, kus));
+  PVHOST_TRY(out.write(ru_at, rus));
+  PVHOST_TRY(out.write(off, fb));
+  if (::fsync(out.fd()) < 0) return fail_errno(fmt::format("fsync {}", path));
   return {};
 }
 

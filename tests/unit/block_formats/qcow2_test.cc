@@ -645,11 +645,31 @@ TEST_CASE("qcow2: a crash at any write of a refcount table growth leaves at most
   // flushes, which grows the table (steps g1..g4 in qcow2_image.cc). The child is killed
   // before each write around the header switch (bytes 48-59) and before each write of
   // the flush that follows, and qemu-img checks every result.
-  TempDir d(::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+  // Buffered on tmpfs, where the switch is a 12-byte pwrite at 48; and with O_DIRECT on a
+  // disk-backed file system, where ImageFile makes it a read-modify-write of the first
+  // logical block: one pwrite of that block at 0.
+  const bool direct = GENERATE(false, true);
+  TempDir d(direct ? "/var/tmp" : ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
   const std::string seed_img = d.file("seed.qcow2"), img_path = d.file("crash.qcow2");
   run_ok("qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 " + seed_img + " 4M");
   run_ok("qemu-io -c 'write -P 0x21 0 1800k' " + seed_img + " >/dev/null");
   REQUIRE(peek_be(seed_img, 56, 4) == 1);
+  std::pair<uint64_t, uint64_t> header_switch{12, 48};  // (length, offset) of its pwrite
+  if (direct) {
+    auto f = ImageFile::open(seed_img, ReadOnly::yes, DirectIo::yes);
+    REQUIRE(f);
+    REQUIRE(f->direct());
+    if (f->alignment() != 512) {
+      // With larger logical blocks the header's block also holds the L1 table and the
+      // refcount table (512-byte clusters), whose entries are written the same way: the
+      // switch would not be the one pwrite of that block to find.
+      WARN("O_DIRECT alignment " << f->alignment() << " here; the O_DIRECT crash points need 512");
+      return;
+    }
+    header_switch = {f->alignment(), 0};
+  }
+  INFO((direct ? "O_DIRECT" : "buffered") << ", header switch pwrite of " << header_switch.first << " bytes at "
+                                          << header_switch.second);
   std::vector<std::byte> before(4 * kMiB);
   std::memset(before.data(), 0x21, 1800 * 1024);
   const uint64_t chunk_off = 2 * kMiB;
@@ -659,8 +679,9 @@ TEST_CASE("qcow2: a crash at any write of a refcount table growth leaves at most
   auto writer = [&] {
     OpenOptions o;
     o.path = img_path;
+    o.direct = direct ? DirectIo::yes : DirectIo::no;
     auto img = open_any("qcow2", o);
-    if (!img) ::_exit(2);
+    if (!img || (*img)->info().direct_io != direct) ::_exit(2);
     if (!(*img)->write_at(chunk_off, chunk)) ::_exit(3);
     (void)::syscall(SYS_getppid);  // a mark for the tracer: the flush starts here
     if (!(*img)->flush_all()) ::_exit(4);
@@ -677,9 +698,9 @@ TEST_CASE("qcow2: a crash at any write of a refcount table growth leaves at most
   check_clean_and_equal(d, img_path, after);
   REQUIRE(peek_be(img_path, 56, 4) > 1);
   const auto& w = full.writes;
-  const auto switch_it = std::find(w.begin(), w.end(), std::pair<uint64_t, uint64_t>{12, 48});
+  const auto switch_it = std::find(w.begin(), w.end(), header_switch);
   REQUIRE(switch_it != w.end());
-  CHECK(std::count(w.begin(), w.end(), std::pair<uint64_t, uint64_t>{12, 48}) == 1);
+  CHECK(std::count(w.begin(), w.end(), header_switch) == 1);
   const uint64_t sw = static_cast<uint64_t>(switch_it - w.begin());
   REQUIRE(full.marks.size() == 1);
   const uint64_t flush_start = full.marks[0];
@@ -713,8 +734,12 @@ TEST_CASE("qcow2: a crash at any write of a refcount table growth leaves at most
       // uncounted (no leak), and the next growth goes past it. The leaks are the chunk's
       // clusters that g1 counted; finishing the write adds none.
       {
-        auto img = must_open("qcow2", img_path);
-        REQUIRE(img->write_at(chunk_off, chunk));
+        OpenOptions o;
+        o.path = img_path;
+        o.direct = direct ? DirectIo::yes : DirectIo::no;
+        auto img = open_any("qcow2", o);
+        REQUIRE(img);
+        REQUIRE((*img)->write_at(chunk_off, chunk));
       }
       std::string out2;
       const int check2 = qemu_img_check("qcow2", img_path, &out2);
@@ -727,7 +752,7 @@ TEST_CASE("qcow2: a crash at any write of a refcount table growth leaves at most
     }
   }
   CHECK(leaks > 0);  // g1 writes the chunk's refcounts before the flush writes its L2 entries
-  WARN("refcount growth crash points " << points.size() << ", with leaks " << leaks);
+  WARN("refcount growth crash points " << points.size() << ", with leaks " << leaks << (direct ? " (O_DIRECT)" : " (buffered)"));
 }
 
 // ---- hostile images ----
