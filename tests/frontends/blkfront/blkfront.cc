@@ -31,7 +31,10 @@
 //     --flush-every N     in the workload, a FLUSH_DISKCACHE after every N writes started
 //                         (one flush in flight at a time)
 //     --stall-exit S      end the workload when requests are in flight and none has completed
-//                         for S seconds (a dead backend); prints "stalled": true and skips close
+//                         for S seconds (a dead backend); prints "stalled": true and skips close.
+//                         SIGUSR1 ends it the same way at once (a test that killed the backend
+//                         says so, rather than the workload guessing from a pause: a slow
+//                         disk must not look like a dead backend)
 //     --durable-out PATH  after the workload, write what a crash may leave, as JSON: per written
 //                         block, the generation a completed flush made durable (0: none) and
 //                         every generation issued to it (the later ones may or may not be there)
@@ -41,6 +44,7 @@
 #include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -66,6 +70,9 @@
 #include "hw/xen/emu/guest/guest.h"
 #include "hw/xen/xs_client.h"
 #include "tests/frontends/blkfront/pattern.h"
+
+// Set by SIGUSR1 (--stall-exit): the test killed the backend.
+volatile sig_atomic_t g_backend_dead = 0;
 
 using namespace pvhost;
 using namespace pvhost::blkif;
@@ -709,7 +716,8 @@ class Frontend {
       size_t got = 0;
       for (auto& Q : queues_) got += PVHOST_TRY(reap(Q));
       if (got != 0 || !any_active) last_progress_ = now_ns();
-      if (a_.stall_exit > 0 && now_ns() - last_progress_ > static_cast<uint64_t>(a_.stall_exit * 1e9)) {
+      if (a_.stall_exit > 0 &&
+          (g_backend_dead != 0 || now_ns() - last_progress_ > static_cast<uint64_t>(a_.stall_exit * 1e9))) {
         stalled_ = true;
         break;
       }
@@ -1205,6 +1213,12 @@ int main(int argc, char** argv) {
   if (!args) {
     std::fprintf(stderr, "blkfront: %s\n", args.error().what().c_str());
     return 2;
+  }
+  if (args->stall_exit > 0) {
+    struct sigaction sa {};
+    sa.sa_handler = [](int) { g_backend_dead = 1; };
+    sa.sa_flags = SA_RESTART;
+    ::sigaction(SIGUSR1, &sa, nullptr);
   }
   if (!args->floor_direct.empty() || args->floor_notify != 0 || !args->check_crash.empty()) {
     auto r = !args->check_crash.empty()    ? check_crash(*args)
