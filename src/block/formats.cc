@@ -564,6 +564,15 @@ Result<void> ImageFile::write(uint64_t offset, std::span<const std::byte> buf) {
   return {};
 }
 
+Result<void> ImageFile::extend_to(uint64_t size) {
+  if (size <= size_) return {};
+  if (block_device_) return fail(ENOSPC, fmt::format("{}: {} bytes is past the end of the device", path_, size));
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) < 0)
+    return fail_errno(fmt::format("extending {} to {} bytes", path_, size));
+  size_ = size;
+  return {};
+}
+
 Result<void> ImageFile::sync() {
   if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
   return {};

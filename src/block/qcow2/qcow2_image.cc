@@ -612,6 +612,7 @@ class Qcow2Image final : public Image {
   // unlocked; null: keep it.
   Result<void> write_cluster_part(std::unique_lock<std::mutex>* lock, uint64_t guest,
                                   std::span<const std::byte> data) {
+    wait_not_allocating(guest);
     L2Slot s = PVHOST_TRY(l2_slot(guest, true));
     const ClusterMapping m = PVHOST_TRY(mapping(s));
     const uint64_t in = guest & (cs_ - 1);
@@ -624,6 +625,10 @@ class Qcow2Image final : public Image {
       }
       return file_.write(host, data);
     }
+    // (A whole cluster in an AlignedBytes at a cluster offset: aligned when clusters are.)
+    if (lock != nullptr && (m.kind == ClusterMapping::Kind::unallocated || m.kind == ClusterMapping::Kind::zero) &&
+        freeing_ == 0 && cs_ % file_.alignment() == 0)
+      return allocate_unlocked(*lock, guest, m, data);
     // Copy-on-write into a new cluster (ordering: see the comment block at the top).
     AlignedBytes buf(cs_);
     if (data.size() != cs_) PVHOST_TRY(read_mapped(m, guest - in, buf));
@@ -639,6 +644,56 @@ class Qcow2Image final : public Image {
     return {};
   }
 
+  // A write to an unallocated or zero cluster with the data moving outside the mutex
+  // ("Concurrency" at the top): the cluster is allocated under it, the new cluster's
+  // content (the backing file's or zeroes around `data`) is read and written without it,
+  // then the L2 entry is set under it, as the locked path does (same ordering). While
+  // that runs, the guest cluster is in allocating_: other writes and discards of it wait,
+  // so the entry found first is still the one replaced.
+  Result<void> allocate_unlocked(std::unique_lock<std::mutex>& lock, uint64_t guest, const ClusterMapping& m,
+                                 std::span<const std::byte> data) {
+    const uint64_t gc = guest >> h_.cluster_bits;
+    const uint64_t in = guest & (cs_ - 1);
+    const uint64_t host = PVHOST_TRY(alloc_cluster());
+    if (host + cs_ > file_.size()) {
+      if (auto r = file_.extend_to(host + cs_); !r) {
+        pending_free_.push_back(host / cs_);  // referenced nowhere: give it back
+        return r;
+      }
+    }
+    allocating_.insert(gc);
+    Result<void> r{};
+    {
+      AlignedBytes buf(cs_);
+      const Unlocked u(*this, lock);
+      if (data.size() != cs_ && m.kind == ClusterMapping::Kind::unallocated) r = read_backing(guest - in, buf);
+      if (r) {
+        std::memcpy(buf.data() + in, data.data(), data.size());
+        r = file_.write_unbounced(host, buf);
+      }
+    }
+    allocating_.erase(gc);
+    alloc_cv_.notify_all();
+    if (!r) {
+      pending_free_.push_back(host / cs_);
+      return r;
+    }
+    const L2Slot s = PVHOST_TRY(l2_slot(guest, true));
+    const ClusterMapping now = PVHOST_TRY(mapping(s));
+    if (now.kind != m.kind || now.host_offset != m.host_offset)
+      return fail(EIO, fmt::format("L2 entry of guest cluster {} changed during its allocation", gc));
+    store_be64(s.table->data.data() + s.index * 8, host | qcow2::kOflagCopied);
+    s.table->dirty = true;
+    release_later(m);
+    return {};
+  }
+
+  // Waits (mu_ released meanwhile) while another thread allocates `guest`'s cluster.
+  void wait_not_allocating(uint64_t guest) {
+    const uint64_t gc = guest >> h_.cluster_bits;
+    if (allocating_.count(gc) != 0) alloc_cv_.wait(mu_, [&] { return allocating_.count(gc) == 0; });
+  }
+
   Result<void> discard_cluster_part(uint64_t guest, uint64_t n) {
     if (n != cs_ || (h_.version < 3 && backing_)) {
       // A partial cluster, or a v2 image whose unallocated clusters show the backing file:
@@ -646,6 +701,7 @@ class Qcow2Image final : public Image {
       AlignedBytes zero(static_cast<size_t>(n));
       return write_cluster_part(nullptr, guest, zero);
     }
+    wait_not_allocating(guest);
     L2Slot s = PVHOST_TRY(l2_slot(guest, false));
     if (s.table == nullptr) {
       if (!backing_) return {};  // unallocated without a backing file reads as zeroes
@@ -743,6 +799,8 @@ class Qcow2Image final : public Image {
   std::condition_variable_any idle_cv_;  // unlocked_io_ dropped to 0; waited on with mu_
   unsigned unlocked_io_ = 0;  // data transfers running with mu_ released (Unlocked)
   unsigned freeing_ = 0;      // writebacks waiting for those to end before freeing clusters
+  std::set<uint64_t> allocating_;         // guest clusters in allocate_unlocked()
+  std::condition_variable_any alloc_cv_;  // allocating_ lost one; waited on with mu_
   ImageFile file_;
   bool read_only_;
   bool broken_ = false;
