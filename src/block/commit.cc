@@ -123,7 +123,15 @@ class TrackingDriver final : public BlockDriver {
   [[nodiscard]] Result<uint64_t> refresh_size() override { return inner_.refresh_size(); }
   [[nodiscard]] Result<std::unique_ptr<IoQueue>> open_queue(EventLoop& loop, unsigned depth,
                                                             std::function<void()> batch_done) override {
-    auto q = PVHOST_TRY(inner_.open_queue(loop, depth, std::move(batch_done)));
+    // Fairness with the copy: while the commit runs, each guest queue on the top runs one
+    // request at a time. With the format queues' worker threads a guest writing at full
+    // depth dirties granules faster than the worker copies them, and READY (nothing left
+    // dirty) would wait for the guest to pause. (The top of a commit is a format Image, with
+    // a backing file; its queue takes `depth` as its number of workers.) Convergence still
+    // depends on the copy outrunning the guest's writes: QEMU's write-blocking copy mode,
+    // which mirrors guest writes into the base, is not implemented.
+    (void)depth;
+    auto q = PVHOST_TRY(inner_.open_queue(loop, 1, std::move(batch_done)));
     return std::unique_ptr<IoQueue>(std::make_unique<TrackingQueue>(std::move(q), dirty_));
   }
 

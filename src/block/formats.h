@@ -2,11 +2,13 @@
 // qcow2 (src/block/qcow2/), VHD (src/block/vhd/), NBD (src/block/nbd/), and the chain
 // opener that follows backing files.
 //
-// Every format driver here is an `Image`: a BlockDriver whose core is synchronous
-// (read_at / write_at / flush_all / discard_at, each taking the image's own mutex, so
-// several IoQueues on several I/O threads may share one image). open_queue() wraps that
-// core in a SyncQueue: an operation runs when it is queued, its completion runs on the
-// queue's loop after submit() (or inside drain()), as the IoQueue contract asks.
+// Every format driver here is an `Image`: a BlockDriver whose core is synchronous and
+// thread-safe (read_at / write_at / flush_all / discard_at may be called from any number
+// of threads at once; each image takes its own mutex for its metadata and lets aligned
+// data I/O on allocated space run in parallel). open_queue() wraps that core in a
+// ThreadedQueue (formats.cc): submit() hands the operations to up to kMaxQueueWorkers
+// worker threads (one queued alone runs on the loop thread), and completions run on the
+// queue's loop afterwards (or inside drain()), as the IoQueue contract asks.
 #pragma once
 
 #include <sys/types.h>
@@ -179,10 +181,12 @@ using AlignedBytes = std::vector<std::byte, DirectIoAllocator<std::byte>>;
 // hold, so a crash tears at most what a buffered write of the request would tear, and a
 // change inside one logical block stays one block-sized write.
 //
-// Not thread-safe. Invariant: between the read and the write of a read-modify-write, nothing
-// else writes to the blocks it rewrites (a write in between would be undone), and nothing
-// uses the shared bounce buffer. Every user keeps it by doing all I/O on its ImageFile under
-// its image's one mutex (Qcow2Image::mu_, VhdImage::mu_, RawImage::mu_), and by giving each
+// Not thread-safe, except read_unbounced()/write_unbounced() (below). Invariant: between
+// the read and the write of a read-modify-write, nothing else writes to the blocks it
+// rewrites (a write in between would be undone), and nothing uses the shared bounce buffer.
+// Every user keeps it by doing all other I/O on its ImageFile under its image's one mutex
+// (Qcow2Image::mu_, VhdImage::mu_, RawImage::mu_), using the unbounced calls without it only
+// on blocks no read-modify-write of metadata covers (guest data), and by giving each
 // open file one writer: a chain's backing files and VHD parents are opened read-only, and
 // where one file is open twice (block-commit's read-write base beside the read-only handle
 // the chain keeps on it: QdiskDevice::start_commit, backends/block/qdisk.cc) only one handle
@@ -221,8 +225,24 @@ class ImageFile {
   // Writes all of `buf` at `offset`; size() grows to cover it (and the file to exactly
   // that, also when a read-modify-write had to write a whole block past it).
   [[nodiscard]] Result<void> write(uint64_t offset, std::span<const std::byte> buf);
+  // Grows a regular file to `size` bytes (ftruncate: a hole) so unbounced writes may land
+  // there; a block device cannot grow (ENOSPC past its end). Never shrinks.
+  [[nodiscard]] Result<void> extend_to(uint64_t size);
   // fdatasync(2): every write() before it is durable, with what is needed to read it back.
   [[nodiscard]] Result<void> sync();
+
+  // The data path of the format drivers, which may run on several threads at once without
+  // the image's mutex: transfers that need no bounce buffer, straight pread(2)/pwrite(2).
+  // unbounced() says whether a request is one (always, with buffered I/O). read_unbounced()
+  // returns the bytes read, fewer only at the end of the file; write_unbounced() must lie
+  // inside size() (it never grows the file). Each is safe beside any other I/O on the file
+  // as long as no read-modify-write (a bounced write) covers the same logical blocks: the
+  // drivers use them only for data whose blocks hold no metadata (see formats.h users).
+  [[nodiscard]] bool unbounced(uint64_t offset, size_t length, const void* buf) const {
+    return aligned(offset, length, buf);
+  }
+  [[nodiscard]] Result<size_t> read_unbounced(uint64_t offset, std::span<std::byte> buf) const;
+  [[nodiscard]] Result<void> write_unbounced(uint64_t offset, std::span<const std::byte> buf) const;
 
  private:
   ImageFile(std::string path, UniqueFd fd) : path_(std::move(path)), fd_(std::move(fd)) {}
@@ -232,7 +252,8 @@ class ImageFile {
   [[nodiscard]] std::span<std::byte> bounce(size_t bytes);
   // One aligned pread of `buf` at `offset`, retried while it ends short on a block boundary
   // before the end of the file; the bytes read.
-  [[nodiscard]] Result<size_t> pread_blocks(uint64_t offset, std::span<std::byte> buf);
+  [[nodiscard]] Result<size_t> pread_blocks(uint64_t offset, std::span<std::byte> buf) const;
+  [[nodiscard]] Result<size_t> pwrite_all(uint64_t offset, std::span<const std::byte> buf) const;
   // One bounced step of read_full()/write() at `offset`: the bytes transferred (a read may
   // transfer 0: end of file).
   [[nodiscard]] Result<size_t> read_bounced(uint64_t offset, std::span<std::byte> buf);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -68,6 +69,20 @@
 //   outside what it covers, refcount 0 (not even a leak; the next growth goes past them).
 //   A crash after g3 leaves the new, complete table, and the old table leaked until g4
 //   is written. A failed or uncertain g3 stops all metadata writes (broken_).
+//
+// Concurrency
+// ===========
+// The image's queues run requests on several worker threads (ThreadedQueue, formats.cc).
+// mu_ guards the metadata and every metadata I/O; guest data moves without it where that
+// is safe: a read of a normal cluster, an in-place write to an allocated cluster
+// (OFLAG_COPIED) inside the file, each aligned so ImageFile needs no bounce buffer, and
+// only when clusters are whole O_DIRECT blocks (no read-modify-write of metadata can then
+// cover data). The mapping is looked up under mu_, the transfer runs with it released
+// (Unlocked), and reads of unallocated clusters go to the backing file without it. What
+// could go wrong is the host cluster changing hands during the transfer; a cluster is
+// reused only after writeback step e drops its refcount, and step e first waits until no
+// unlocked transfer is running (those that follow see the new mapping). Allocating writes,
+// copy-on-write, discards, compressed clusters and anything unaligned stay under mu_.
 
 namespace pvhost::block {
 namespace {
@@ -212,11 +227,11 @@ class Qcow2Image final : public Image {
 
   Result<void> read_at(uint64_t offset, std::span<std::byte> buf) override {
     PVHOST_TRY(check_range(offset, buf.size()));
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     while (!buf.empty()) {
       const uint64_t in = offset & (cs_ - 1);
       const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), cs_ - in));
-      PVHOST_TRY_CTX(read_cluster_part(offset, buf.first(n)), fmt::format("{}: read at {}", path_, offset));
+      PVHOST_TRY_CTX(read_cluster_part(lock, offset, buf.first(n)), fmt::format("{}: read at {}", path_, offset));
       offset += n;
       buf = buf.subspan(n);
     }
@@ -226,11 +241,11 @@ class Qcow2Image final : public Image {
   Result<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
     if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
     PVHOST_TRY(check_range(offset, buf.size()));
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     while (!buf.empty()) {
       const uint64_t in = offset & (cs_ - 1);
       const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), cs_ - in));
-      PVHOST_TRY_CTX(write_cluster_part(offset, buf.first(n)), fmt::format("{}: write at {}", path_, offset));
+      PVHOST_TRY_CTX(write_cluster_part(&lock, offset, buf.first(n)), fmt::format("{}: write at {}", path_, offset));
       offset += n;
       buf = buf.subspan(n);
     }
@@ -546,20 +561,74 @@ class Qcow2Image final : public Image {
     return with_context(backing_->read_at(guest, out.first(n)), "reading the backing file");
   }
 
-  Result<void> read_cluster_part(uint64_t guest, std::span<std::byte> out) {
+  // The data path without the mutex (see "Concurrency" at the top): while one of these
+  // lives, `lock` is released and unlocked_io_ counts it.
+  class Unlocked {
+   public:
+    Unlocked(Qcow2Image& img, std::unique_lock<std::mutex>& lock) : img_(img), lock_(lock) {
+      ++img_.unlocked_io_;
+      lock_.unlock();
+    }
+    ~Unlocked() {
+      lock_.lock();
+      if (--img_.unlocked_io_ == 0) img_.idle_cv_.notify_all();
+    }
+    Unlocked(const Unlocked&) = delete;
+    Unlocked& operator=(const Unlocked&) = delete;
+
+   private:
+    Qcow2Image& img_;
+    std::unique_lock<std::mutex>& lock_;
+  };
+  // Whether guest data at host offset `host` may move without the mutex: the transfer
+  // needs no bounce buffer, and no logical block of the file holds both data and metadata
+  // (clusters are whole blocks), so no metadata read-modify-write can touch its blocks.
+  [[nodiscard]] bool unlocked_ok(uint64_t host, size_t n, const void* buf) const {
+    return freeing_ == 0 && cs_ % file_.alignment() == 0 && file_.unbounced(host, n, buf);
+  }
+
+  Result<void> read_cluster_part(std::unique_lock<std::mutex>& lock, uint64_t guest, std::span<std::byte> out) {
     const L2Slot s = PVHOST_TRY(l2_slot(guest, false));
     const ClusterMapping m = PVHOST_TRY(mapping(s));
+    const uint64_t host = m.host_offset + (guest & (cs_ - 1));
+    if (m.kind == ClusterMapping::Kind::normal && unlocked_ok(host, out.size(), out.data())) {
+      PVHOST_TRY(check_clear_of_fixed_metadata(m.host_offset, "data cluster"));
+      const Unlocked u(*this, lock);
+      const size_t got = PVHOST_TRY(file_.read_unbounced(host, out));
+      std::memset(out.data() + got, 0, out.size() - got);  // past the end of the file: zeroes
+      return {};
+    }
+    if (m.kind == ClusterMapping::Kind::unallocated && backing_) {
+      // The backing file is read-only and has its own lock; nothing of ours is used.
+      lock.unlock();
+      auto r = read_backing(guest, out);
+      lock.lock();
+      return r;
+    }
     return read_mapped(m, guest, out);
   }
 
-  Result<void> write_cluster_part(uint64_t guest, std::span<const std::byte> data) {
+  // `lock`: the caller's hold on mu_, released around an in-place data write that may run
+  // unlocked; null: keep it.
+  Result<void> write_cluster_part(std::unique_lock<std::mutex>* lock, uint64_t guest,
+                                  std::span<const std::byte> data) {
+    wait_not_allocating(guest);
     L2Slot s = PVHOST_TRY(l2_slot(guest, true));
     const ClusterMapping m = PVHOST_TRY(mapping(s));
     const uint64_t in = guest & (cs_ - 1);
     if (m.kind == ClusterMapping::Kind::normal && m.copied) {
       PVHOST_TRY(check_clear_of_fixed_metadata(m.host_offset, "data cluster"));
-      return file_.write(m.host_offset + in, data);
+      const uint64_t host = m.host_offset + in;
+      if (lock != nullptr && unlocked_ok(host, data.size(), data.data()) && host + data.size() <= file_.size()) {
+        const Unlocked u(*this, *lock);
+        return file_.write_unbounced(host, data);
+      }
+      return file_.write(host, data);
     }
+    // (A whole cluster in an AlignedBytes at a cluster offset: aligned when clusters are.)
+    if (lock != nullptr && (m.kind == ClusterMapping::Kind::unallocated || m.kind == ClusterMapping::Kind::zero) &&
+        freeing_ == 0 && cs_ % file_.alignment() == 0)
+      return allocate_unlocked(*lock, guest, m, data);
     // Copy-on-write into a new cluster (ordering: see the comment block at the top).
     AlignedBytes buf(cs_);
     if (data.size() != cs_) PVHOST_TRY(read_mapped(m, guest - in, buf));
@@ -575,13 +644,64 @@ class Qcow2Image final : public Image {
     return {};
   }
 
+  // A write to an unallocated or zero cluster with the data moving outside the mutex
+  // ("Concurrency" at the top): the cluster is allocated under it, the new cluster's
+  // content (the backing file's or zeroes around `data`) is read and written without it,
+  // then the L2 entry is set under it, as the locked path does (same ordering). While
+  // that runs, the guest cluster is in allocating_: other writes and discards of it wait,
+  // so the entry found first is still the one replaced.
+  Result<void> allocate_unlocked(std::unique_lock<std::mutex>& lock, uint64_t guest, const ClusterMapping& m,
+                                 std::span<const std::byte> data) {
+    const uint64_t gc = guest >> h_.cluster_bits;
+    const uint64_t in = guest & (cs_ - 1);
+    const uint64_t host = PVHOST_TRY(alloc_cluster());
+    if (host + cs_ > file_.size()) {
+      if (auto r = file_.extend_to(host + cs_); !r) {
+        pending_free_.push_back(host / cs_);  // referenced nowhere: give it back
+        return r;
+      }
+    }
+    allocating_.insert(gc);
+    Result<void> r{};
+    {
+      AlignedBytes buf(cs_);
+      const Unlocked u(*this, lock);
+      if (data.size() != cs_ && m.kind == ClusterMapping::Kind::unallocated) r = read_backing(guest - in, buf);
+      if (r) {
+        std::memcpy(buf.data() + in, data.data(), data.size());
+        r = file_.write_unbounced(host, buf);
+      }
+    }
+    allocating_.erase(gc);
+    alloc_cv_.notify_all();
+    if (!r) {
+      pending_free_.push_back(host / cs_);
+      return r;
+    }
+    const L2Slot s = PVHOST_TRY(l2_slot(guest, true));
+    const ClusterMapping now = PVHOST_TRY(mapping(s));
+    if (now.kind != m.kind || now.host_offset != m.host_offset)
+      return fail(EIO, fmt::format("L2 entry of guest cluster {} changed during its allocation", gc));
+    store_be64(s.table->data.data() + s.index * 8, host | qcow2::kOflagCopied);
+    s.table->dirty = true;
+    release_later(m);
+    return {};
+  }
+
+  // Waits (mu_ released meanwhile) while another thread allocates `guest`'s cluster.
+  void wait_not_allocating(uint64_t guest) {
+    const uint64_t gc = guest >> h_.cluster_bits;
+    if (allocating_.count(gc) != 0) alloc_cv_.wait(mu_, [&] { return allocating_.count(gc) == 0; });
+  }
+
   Result<void> discard_cluster_part(uint64_t guest, uint64_t n) {
     if (n != cs_ || (h_.version < 3 && backing_)) {
       // A partial cluster, or a v2 image whose unallocated clusters show the backing file:
       // zeroes are written instead.
       AlignedBytes zero(static_cast<size_t>(n));
-      return write_cluster_part(guest, zero);
+      return write_cluster_part(nullptr, guest, zero);
     }
+    wait_not_allocating(guest);
     L2Slot s = PVHOST_TRY(l2_slot(guest, false));
     if (s.table == nullptr) {
       if (!backing_) return {};  // unallocated without a backing file reads as zeroes
@@ -639,10 +759,18 @@ class Qcow2Image final : public Image {
       l1_dirty_.clear();
       PVHOST_TRY(file_.sync());
     }
-    // e. refcount decrements of clusters no longer referenced on disk.
+    // e. refcount decrements of clusters no longer referenced on disk. Data I/O running
+    // without the mutex may still be on one of them (it looked the cluster up before
+    // the reference went); wait for that to end before the cluster can be reused. New
+    // data I/O takes the locked path meanwhile (freeing_), so the wait ends.
     if (!pending_free_.empty()) {
       std::vector<uint64_t> frees;
       frees.swap(pending_free_);
+      if (unlocked_io_ > 0) {
+        ++freeing_;
+        idle_cv_.wait(mu_, [&] { return unlocked_io_ == 0; });
+        --freeing_;
+      }
       for (uint64_t c : frees) {
         PVHOST_TRY(add_refcount(c, -1));
         free_hint_ = std::min(free_hint_, c);
@@ -668,6 +796,11 @@ class Qcow2Image final : public Image {
   std::unique_ptr<Image> backing_;
 
   std::mutex mu_;  // guards everything below (metadata, the file's data layout, its I/O)
+  std::condition_variable_any idle_cv_;  // unlocked_io_ dropped to 0; waited on with mu_
+  unsigned unlocked_io_ = 0;  // data transfers running with mu_ released (Unlocked)
+  unsigned freeing_ = 0;      // writebacks waiting for those to end before freeing clusters
+  std::set<uint64_t> allocating_;         // guest clusters in allocate_unlocked()
+  std::condition_variable_any alloc_cv_;  // allocating_ lost one; waited on with mu_
   ImageFile file_;
   bool read_only_;
   bool broken_ = false;

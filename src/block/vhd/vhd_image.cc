@@ -29,6 +29,17 @@
 // flush: fdatasync (data, blocks, footers) -> write dirty bitmaps and BAT sectors ->
 // fdatasync. So a BAT entry or a bitmap bit never reaches the disk before what it points
 // at; a crash loses at most unflushed writes and leaves unreferenced space at the end.
+//
+// Concurrency
+// ===========
+// The image's queues run requests on several worker threads (ThreadedQueue, formats.cc).
+// mu_ guards the BAT, the bitmaps, the footer and all metadata I/O; guest data in
+// allocated blocks (and in fixed disks) moves with it released, when the transfer needs
+// no bounce buffer and the file's O_DIRECT blocks are at most a sector (every VHD
+// structure is whole sectors, so no metadata read-modify-write covers data). Blocks are
+// never freed or moved, so a block looked up under mu_ stays the guest's while the data
+// moves. Reads that fall to the parent run without mu_ too. Allocation, bitmap updates
+// and unaligned requests stay under mu_.
 
 namespace pvhost::block {
 namespace {
@@ -37,6 +48,7 @@ using vhd::DynamicHeader;
 using vhd::Footer;
 
 constexpr uint64_t kSector = 512;
+using Lock = std::unique_lock<std::mutex>;
 
 class VhdImage final : public Image {
  public:
@@ -108,15 +120,15 @@ class VhdImage final : public Image {
 
   Result<void> read_at(uint64_t offset, std::span<std::byte> buf) override {
     PVHOST_TRY(check_range(offset, buf.size()));
-    std::lock_guard lock(mu_);
-    return with_context(read_locked(offset, buf), fmt::format("{}: read at {}", path_, offset));
+    Lock lock(mu_);
+    return with_context(read_locked(&lock, offset, buf), fmt::format("{}: read at {}", path_, offset));
   }
 
   Result<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
     if (read_only_) return fail(EROFS, fmt::format("{} is read-only", path_));
     PVHOST_TRY(check_range(offset, buf.size()));
-    std::lock_guard lock(mu_);
-    return with_context(write_locked(offset, buf), fmt::format("{}: write at {}", path_, offset));
+    Lock lock(mu_);
+    return with_context(write_locked(&lock, offset, buf), fmt::format("{}: write at {}", path_, offset));
   }
 
   Result<void> discard_at(uint64_t offset, uint64_t length) override {
@@ -138,7 +150,7 @@ class VhdImage final : public Image {
           continue;
         }
       }
-      PVHOST_TRY(write_locked(offset, std::span<const std::byte>(zero).first(n)));
+      PVHOST_TRY(write_locked(nullptr, offset, std::span<const std::byte>(zero).first(n)));
       offset += n;
       length -= n;
     }
@@ -260,32 +272,67 @@ class VhdImage final : public Image {
     bm[s / 8] |= std::byte(0x80 >> (s % 8));
   }
 
-  Result<void> read_parent_or_zero(uint64_t offset, std::span<std::byte> out) {
-    if (parent_) return with_context(parent_->read_at(offset, out), "reading the parent");
-    std::memset(out.data(), 0, out.size());
-    return {};
+  // Whether data at file offset `off` may move without the mutex (see "Concurrency" at
+  // the top): no bounce buffer, and every structure of the file is whole O_DIRECT blocks.
+  [[nodiscard]] bool unlocked_ok(uint64_t off, size_t n, const void* buf) const {
+    return file_.alignment() <= kSector && file_.unbounced(off, n, buf);
   }
 
-  Result<void> read_locked(uint64_t offset, std::span<std::byte> buf) {
-    if (footer_.disk_type == vhd::kDiskFixed) {
-      const size_t got = PVHOST_TRY(file_.read_full(offset, buf));
-      std::memset(buf.data() + got, 0, buf.size() - got);
+  // Reads file data at `off`; with `lock` (the caller's hold on mu_) released around the
+  // transfer where that is safe. Past the end of the file: zeroes.
+  Result<void> read_file_data(Lock* lock, uint64_t off, std::span<std::byte> out) {
+    size_t got = 0;
+    if (lock != nullptr && unlocked_ok(off, out.size(), out.data())) {
+      lock->unlock();
+      auto r = file_.read_unbounced(off, out);
+      lock->lock();
+      got = PVHOST_TRY(std::move(r));
+    } else {
+      got = PVHOST_TRY(file_.read_full(off, out));
+    }
+    std::memset(out.data() + got, 0, out.size() - got);
+    return {};
+  }
+  // Writes file data at `off`, inside the file or growing it.
+  Result<void> write_file_data(Lock* lock, uint64_t off, std::span<const std::byte> data) {
+    if (lock != nullptr && unlocked_ok(off, data.size(), data.data()) && off + data.size() <= file_.size()) {
+      lock->unlock();
+      auto r = file_.write_unbounced(off, data);
+      lock->lock();
+      return r;
+    }
+    return file_.write(off, data);
+  }
+
+  Result<void> read_parent_or_zero(Lock* lock, uint64_t offset, std::span<std::byte> out) {
+    if (!parent_) {
+      std::memset(out.data(), 0, out.size());
       return {};
     }
+    // The parent is read-only and has its own lock; nothing of ours is used.
+    if (lock != nullptr) lock->unlock();
+    auto r = with_context(parent_->read_at(offset, out), "reading the parent");
+    if (lock != nullptr) lock->lock();
+    return r;
+  }
+
+  Result<void> read_locked(Lock* lock, uint64_t offset, std::span<std::byte> buf) {
+    if (footer_.disk_type == vhd::kDiskFixed) return read_file_data(lock, offset, buf);
     while (!buf.empty()) {
       const uint64_t block = offset / dyn_.block_size;
       const uint64_t in = offset % dyn_.block_size;
       const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), dyn_.block_size - in));
       auto part = buf.first(n);
       if (bat_[block] == vhd::kBatUnused) {
-        PVHOST_TRY(read_parent_or_zero(offset, part));
+        PVHOST_TRY(read_parent_or_zero(lock, offset, part));
       } else if (footer_.disk_type == vhd::kDiskDynamic) {
-        PVHOST_TRY(read_data(block, in, part));
+        PVHOST_TRY(read_data(lock, block, in, part));
       } else {
-        // Differencing: per run of sectors with the same bitmap bit.
-        auto* bm = PVHOST_TRY(bitmap(block));
+        // Differencing: per run of sectors with the same bitmap bit (the bitmap looked up
+        // again for each: the cache may drop it while the lock is released).
         size_t done = 0;
         while (done < n) {
+          auto* bm = PVHOST_TRY(bitmap(block));
           const uint64_t s = (in + done) / kSector;
           const bool mine = bit(*bm, s);
           size_t run = static_cast<size_t>(std::min<uint64_t>(n - done, (s + 1) * kSector - (in + done)));
@@ -293,9 +340,9 @@ class VhdImage final : public Image {
             run += static_cast<size_t>(std::min<uint64_t>(n - done - run, kSector));
           auto sub = part.subspan(done, run);
           if (mine) {
-            PVHOST_TRY(read_data(block, in + done, sub));
+            PVHOST_TRY(read_data(lock, block, in + done, sub));
           } else {
-            PVHOST_TRY(read_parent_or_zero(offset + done, sub));
+            PVHOST_TRY(read_parent_or_zero(lock, offset + done, sub));
           }
           done += run;
         }
@@ -306,23 +353,21 @@ class VhdImage final : public Image {
     return {};
   }
 
-  Result<void> read_data(uint64_t block, uint64_t in, std::span<std::byte> out) {
-    const uint64_t off = uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in;
-    const size_t got = PVHOST_TRY(file_.read_full(off, out));
-    std::memset(out.data() + got, 0, out.size() - got);
-    return {};
+  Result<void> read_data(Lock* lock, uint64_t block, uint64_t in, std::span<std::byte> out) {
+    return read_file_data(lock, uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in, out);
   }
 
-  Result<void> write_locked(uint64_t offset, std::span<const std::byte> buf) {
-    if (footer_.disk_type == vhd::kDiskFixed) return file_.write(offset, buf);
+  // `lock`: as for read_file_data (null: keep it).
+  Result<void> write_locked(Lock* lock, uint64_t offset, std::span<const std::byte> buf) {
+    if (footer_.disk_type == vhd::kDiskFixed) return write_file_data(lock, offset, buf);
     // Whole sectors only (bitmaps are per sector): widen with what is there now.
     const uint64_t start = offset / kSector * kSector;
     const uint64_t end = (offset + buf.size() + kSector - 1) / kSector * kSector;
     AlignedBytes widened;
     if (start != offset || end != offset + buf.size()) {
       widened.resize(end - start);
-      PVHOST_TRY(read_locked(start, std::span(widened).first(kSector)));
-      PVHOST_TRY(read_locked(end - kSector, std::span(widened).last(kSector)));
+      PVHOST_TRY(read_locked(nullptr, start, std::span(widened).first(kSector)));
+      PVHOST_TRY(read_locked(nullptr, end - kSector, std::span(widened).last(kSector)));
       std::memcpy(widened.data() + (offset - start), buf.data(), buf.size());
       buf = widened;
       offset = start;
@@ -333,8 +378,10 @@ class VhdImage final : public Image {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), dyn_.block_size - in));
       if (bat_[block] == vhd::kBatUnused) PVHOST_TRY(allocate_block(block));
       const uint64_t off = uint64_t{bat_[block]} * kSector + dyn_.bitmap_bytes() + in;
-      PVHOST_TRY(file_.write(off, buf.first(n)));
+      PVHOST_TRY(write_file_data(lock, off, buf.first(n)));
       if (footer_.disk_type == vhd::kDiskDifferencing) {
+        // After the data (in memory; on disk at the next flush), so a bit never marks a
+        // sector whose data is not there. The lock is held again here.
         auto* bm = PVHOST_TRY(bitmap(block));
         for (uint64_t s = in / kSector; s < (in + n) / kSector; ++s) set_bit(*bm, s);
         dirty_bitmaps_.insert(block);

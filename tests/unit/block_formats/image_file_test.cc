@@ -77,7 +77,8 @@ std::vector<unsigned> open_flags_of(const std::string& path) {
   return flags;
 }
 bool all_o_direct(const std::vector<unsigned>& flags) {
-  return !flags.empty() && std::all_of(flags.begin(), flags.end(), [](unsigned f) { return (f & O_DIRECT) != 0; });
+  return !flags.empty() &&
+         std::all_of(flags.begin(), flags.end(), [](unsigned f) { return (f & O_DIRECT) != 0; });
 }
 
 // rchar and wchar of /proc/self/io (proc(5)): bytes passed through read(2)/pread(2) and
@@ -92,7 +93,8 @@ IoCounters io_counters() {
   {
     UniqueFd fd(::open("/proc/self/io", O_RDONLY | O_CLOEXEC));
     REQUIRE(fd.valid());
-    for (ssize_t r = 0; (r = ::read(fd.get(), text + n, sizeof text - 1 - n)) > 0;) n += static_cast<size_t>(r);
+    for (ssize_t r = 0; (r = ::read(fd.get(), text + n, sizeof text - 1 - n)) > 0;)
+      n += static_cast<size_t>(r);
   }
   text[n] = '\0';
   IoCounters c;
@@ -100,20 +102,27 @@ IoCounters io_counters() {
   REQUIRE(std::sscanf(text, "rchar: %lu wchar: %lu", &c.rchar, &c.wchar) == 2);
   return c;
 }
-uint64_t read_between(const IoCounters& a, const IoCounters& b) { return b.rchar - a.rchar - a.self; }
-uint64_t written_between(const IoCounters& a, const IoCounters& b) { return b.wchar - a.wchar; }
+uint64_t read_between(const IoCounters& a, const IoCounters& b) {
+  return b.rchar - a.rchar - a.self;
+}
+uint64_t written_between(const IoCounters& a, const IoCounters& b) {
+  return b.wchar - a.wchar;
+}
 
 // A buffer of `n` bytes starting `skew` bytes past an aligned address.
 struct SkewedBuffer {
   AlignedBytes storage;
   std::span<std::byte> bytes;
-  SkewedBuffer(size_t n, size_t skew) : storage(n + skew) { bytes = std::span(storage).subspan(skew, n); }
+  SkewedBuffer(size_t n, size_t skew) : storage(n + skew) {
+    bytes = std::span(storage).subspan(skew, n);
+  }
 };
 
 // Random reads and writes through `f` at any offset, length and buffer address (a few
 // aligned ones, straight through; some over kMaxBounce, several bounced steps), also past the
 // end of the file, checked against `model` (the file's content, grown by the writes).
-void random_io(ImageFile& f, const std::string& path, std::vector<std::byte>& model, uint64_t seed) {
+void random_io(ImageFile& f, const std::string& path, std::vector<std::byte>& model,
+               uint64_t seed) {
   const uint32_t align = f.alignment();
   std::mt19937_64 rng(seed);
   for (int i = 0; i < 400; ++i) {
@@ -159,8 +168,9 @@ void random_io(ImageFile& f, const std::string& path, std::vector<std::byte>& mo
   CHECK(read_file(path) == model);
 }
 
-TEST_CASE("ImageFile: O_DIRECT reads and writes at any offset, length and address match a buffered read",
-          "[image-file]") {
+TEST_CASE(
+    "ImageFile: O_DIRECT reads and writes at any offset, length and address match a buffered read",
+    "[image-file]") {
   TempDir d(kDirectIoDir);
   const std::string path = d.file("f.bin");
   // An unaligned size: reads past the end are short, and writes past it end the file exactly.
@@ -179,7 +189,8 @@ TEST_CASE("ImageFile: O_DIRECT reads and writes at any offset, length and addres
   CHECK(fd_has_o_direct(f.fd()));
 }
 
-TEST_CASE("ImageFile on tmpfs: O_DIRECT as far as the kernel grants it, the same results", "[image-file]") {
+TEST_CASE("ImageFile on tmpfs: O_DIRECT as far as the kernel grants it, the same results",
+          "[image-file]") {
   // tmpfs refuses O_DIRECT at open before Linux 6.6 (ImageFile falls back to buffered
   // I/O) and since then accepts it without reporting STATX_DIOALIGN (ImageFile assumes
   // 4096-byte alignment). Either way every access must give what a buffered one gives.
@@ -211,7 +222,8 @@ int run_filtered(std::span<sock_filter> filter, const std::function<int()>& body
   REQUIRE(pid >= 0);
   if (pid == 0) {
     const sock_fprog prog{static_cast<unsigned short>(filter.size()), filter.data()};
-    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
       ::_exit(100);
     ::_exit(body());
   }
@@ -219,11 +231,17 @@ int run_filtered(std::span<sock_filter> filter, const std::function<int()>& body
   REQUIRE(::waitpid(pid, &st, 0) == pid);
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
-sock_filter bpf_stmt(uint16_t code, uint32_t k) { return sock_filter{code, 0, 0, k}; }
-sock_filter bpf_jump(uint16_t code, uint32_t k, uint8_t jt, uint8_t jf) { return sock_filter{code, jt, jf, k}; }
+sock_filter bpf_stmt(uint16_t code, uint32_t k) {
+  return sock_filter{code, 0, 0, k};
+}
+sock_filter bpf_jump(uint16_t code, uint32_t k, uint8_t jt, uint8_t jf) {
+  return sock_filter{code, jt, jf, k};
+}
 // The low 32 bits of syscall argument `i` (seccomp_data is native-endian; x86-64 and arm64
 // are little-endian).
-uint32_t arg_low(int i) { return static_cast<uint32_t>(offsetof(seccomp_data, args) + 8 * i); }
+uint32_t arg_low(int i) {
+  return static_cast<uint32_t>(offsetof(seccomp_data, args) + 8 * i);
+}
 
 // In the child: opening `path` with DirectIo::yes must give a working buffered ImageFile.
 int expect_buffered_fallback(const std::string& path, const std::vector<std::byte>& content) {
@@ -241,7 +259,8 @@ int expect_buffered_fallback(const std::string& path, const std::vector<std::byt
   return 0;
 }
 
-TEST_CASE("ImageFile falls back to buffered I/O where the file system refuses O_DIRECT", "[image-file]") {
+TEST_CASE("ImageFile falls back to buffered I/O where the file system refuses O_DIRECT",
+          "[image-file]") {
   TempDir d(kDirectIoDir);
   const std::string path = d.file("f.bin");
   const std::vector<std::byte> content = pattern(64 * 1024 + 5, 16);
@@ -287,7 +306,8 @@ TEST_CASE("ImageFile falls back to buffered I/O where the file system refuses O_
   }
 }
 
-TEST_CASE("ImageFile: short files and reads past the end, as the drivers read them", "[image-file]") {
+TEST_CASE("ImageFile: short files and reads past the end, as the drivers read them",
+          "[image-file]") {
   // Drivers read data clusters and blocks that lie (partly) past the end of the file
   // (qcow2 preallocation=metadata, a VHD block cut short) with read_full and zero the rest;
   // headers and tables with read_exact, where the end of the file is an error.
@@ -354,8 +374,10 @@ TEST_CASE("ImageFile: short files and reads past the end, as the drivers read th
   }
 }
 
-TEST_CASE("ImageFile: with O_DIRECT a change inside one block is one block-sized pwrite; aligned I/O is not bounced",
-          "[image-file]") {
+TEST_CASE(
+    "ImageFile: with O_DIRECT a change inside one block is one block-sized pwrite; aligned I/O is "
+    "not bounced",
+    "[image-file]") {
   TempDir d(kDirectIoDir);
   const std::string path = d.file("f.bin");
   std::vector<std::byte> model = pattern(1 * kMiB, 6);
@@ -372,7 +394,7 @@ TEST_CASE("ImageFile: with O_DIRECT a change inside one block is one block-sized
   REQUIRE(f.write(48, hdr));
   IoCounters b = io_counters();
   CHECK(written_between(a, b) == align);  // one block written...
-  CHECK(read_between(a, b) == align);  // ...after reading it
+  CHECK(read_between(a, b) == align);     // ...after reading it
   std::memcpy(model.data() + 48, hdr, sizeof hdr);
 
   // Straddling a block boundary: both blocks read, both written in one pwrite.
@@ -424,12 +446,14 @@ void odd_writes(Image& img, std::vector<std::byte>& model, uint64_t seed, int n)
   std::mt19937_64 rng(seed);
   for (int i = 0; i < n; ++i) {
     const uint64_t off = rng() % model.size();
-    const size_t len = static_cast<size_t>(std::min<uint64_t>(1 + rng() % (200 * 1024), model.size() - off));
+    const size_t len =
+        static_cast<size_t>(std::min<uint64_t>(1 + rng() % (200 * 1024), model.size() - off));
     SkewedBuffer buf(len, i % 3 == 0 ? 0 : 1 + rng() % 4095);
     const auto data = pattern(len, rng());
     std::memcpy(buf.bytes.data(), data.data(), len);
     auto r = img.write_at(off, buf.bytes);
-    INFO("write " << i << " at " << off << " length " << len << ": " << (r ? std::string() : r.error().describe()));
+    INFO("write " << i << " at " << off << " length " << len << ": "
+                  << (r ? std::string() : r.error().describe()));
     REQUIRE(r);
     std::memcpy(model.data() + off, data.data(), len);
   }
@@ -443,7 +467,8 @@ TEST_CASE("qcow2 and VHD on a disk-backed file system use O_DIRECT, down the cha
 
   SECTION("qcow2 over a raw backing file") {
     const std::string top = d.file("top.qcow2");
-    run_ok("qemu-img create -q -f qcow2 -o cluster_size=65536 -b " + d.file("base.raw") + " -F raw " + top);
+    run_ok("qemu-img create -q -f qcow2 -o cluster_size=65536 -b " + d.file("base.raw") +
+           " -F raw " + top);
     std::vector<std::byte> model = base;
     {
       OpenOptions o;
@@ -508,7 +533,8 @@ TEST_CASE("qcow2 and VHD on a disk-backed file system use O_DIRECT, down the cha
   for (const char* sub : {"dynamic", "fixed"}) {
     SECTION(std::string("vhd ") + sub) {
       const std::string img_path = d.file("w.vhd");
-      run_ok(std::string("qemu-img create -q -f vpc -o subformat=") + sub + " " + img_path + " 20M");
+      run_ok(std::string("qemu-img create -q -f vpc -o subformat=") + sub + " " + img_path +
+             " 20M");
       std::vector<std::byte> model;
       {
         auto img = must_open("vpc", img_path);
