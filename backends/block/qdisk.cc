@@ -413,12 +413,19 @@ void QdiskDevice::adopt_chain() {
     Node n;
     const std::string key = file_key(layer->path());
     auto known = std::find_if(nodes_.begin(), nodes_.end(), [&](const Node& x) { return x.key == key; });
+    block::ImageFile* file = layer->file_mut();
     if (known != nodes_.end()) {
       n = *known;
       layer->share_counters(n.counters);
+      if (file != nullptr && n.file_counters) file->share_counters(n.file_counters);
     } else {
       n.key = key;
       n.counters = layer->counters();
+    }
+    if (file != nullptr && !n.file_counters) {
+      n.file_counters = file->counters();
+      n.file_name = block::generate_node_name();
+      n.block_device = file->block_device();
     }
     if (next.empty()) {
       // The active layer: its snapshot-node-name, a user's name it kept (the base after a
@@ -446,7 +453,10 @@ void QdiskDevice::share_counters(block::Image& top) const {
   for (auto* layer = block::as_counting(&top); layer != nullptr; layer = block::as_counting(layer->backing_image())) {
     const std::string key = file_key(layer->path());
     auto known = std::find_if(nodes_.begin(), nodes_.end(), [&](const Node& x) { return x.key == key; });
-    if (known != nodes_.end()) layer->share_counters(known->counters);
+    if (known == nodes_.end()) continue;
+    layer->share_counters(known->counters);
+    if (block::ImageFile* file = layer->file_mut(); file != nullptr && known->file_counters)
+      file->share_counters(known->file_counters);
   }
 }
 
@@ -462,32 +472,62 @@ std::vector<std::string> QdiskDevice::node_names() const {
   return out;
 }
 
+nlohmann::json QdiskDevice::node_stats_json(const Node& n) const {
+  nlohmann::json j = {{"node-name", n.name}, {"stats", node_snapshot(*n.counters).qmp_stats()}};
+  if (n.file_counters) {
+    // QEMU's file-posix nodes add their discard counts (BlockStatsSpecificFile).
+    const BlockStatsSnapshot f = node_snapshot(*n.file_counters);
+    const ClassStats& unmap = f.cls[static_cast<size_t>(StatClass::unmap)];
+    j["parent"] = {{"node-name", n.file_name},
+                   {"stats", f.qmp_stats()},
+                   {"driver-specific",
+                    {{"driver", n.block_device ? "host_device" : "file"},
+                     {"discard-nb-ok", unmap.operations},
+                     {"discard-nb-failed", unmap.failed},
+                     {"discard-bytes-ok", unmap.bytes}}}};
+  }
+  return j;
+}
+
 nlohmann::json QdiskDevice::blockstats_json() const {
   // QEMU's bdrv_query_bds_stats at BlockBackend level: the guest's counters at the root,
-  // each backing layer nested under "backing". pvhost's format drivers do their own file
-  // I/O, so there is no separate protocol node to report as "parent".
+  // the file under each layer as its "parent" (what the format driver read and wrote
+  // there, metadata included), each backing layer nested under "backing". Beyond QEMU,
+  // whose nodes below the root count only wr_highest_offset, every node counts its I/O.
   nlohmann::json root = {
       {"device", qmp_device()},
       {"node-name", node_name()},
       {"qdev", context().backend_path},
       {"stats", stats().qmp_stats()},
   };
+  if (!nodes_.empty() && nodes_.front().file_counters) root["parent"] = node_stats_json(nodes_.front())["parent"];
   nlohmann::json* at = &root;
   for (size_t i = 1; i < nodes_.size(); ++i) {
-    (*at)["backing"] = {{"node-name", nodes_[i].name}, {"stats", node_snapshot(*nodes_[i].counters).qmp_stats()}};
+    (*at)["backing"] = node_stats_json(nodes_[i]);
     at = &(*at)["backing"];
   }
   return root;
 }
 
 nlohmann::json QdiskDevice::blockstats_nodes_json() const {
+  // query-nodes: every node on its own, with its "parent" but no "backing" (QEMU's
+  // bdrv_query_bds_stats below BlockBackend level); the files are nodes too.
   nlohmann::json out = nlohmann::json::array();
   if (nodes_.empty()) {
     // A driver that is not an Image (the io_uring raw driver): one node, the guest's I/O.
     out.push_back({{"node-name", node_name()}, {"stats", stats().qmp_stats()}});
     return out;
   }
-  for (const Node& n : nodes_) out.push_back({{"node-name", n.name}, {"stats", node_snapshot(*n.counters).qmp_stats()}});
+  for (const Node& n : nodes_) {
+    nlohmann::json j = node_stats_json(n);
+    if (j.contains("parent")) {
+      nlohmann::json file = j["parent"];
+      out.push_back(std::move(j));
+      out.push_back(std::move(file));
+    } else {
+      out.push_back(std::move(j));
+    }
+  }
   return out;
 }
 

@@ -127,7 +127,14 @@ class QdiskDevice final : public XenDevice {
     bool named_by_user = false;  // snapshot-node-name: the name stays with the layer
     bool device_named = false;   // the device's "xvda-qcow2": it stays with the active layer
     std::shared_ptr<block::NodeCounters> counters;
+    // The file under the layer (QEMU's protocol node: query-blockstats "parent"), which
+    // QEMU names "#blockNNN"; empty name and null counters for an NBD export.
+    std::string file_name;
+    std::shared_ptr<block::NodeCounters> file_counters;
+    bool block_device = false;  // the file is a block device (QEMU's "host_device" driver)
   };
+  // A node's query-blockstats entry: node-name, stats, the file's as "parent".
+  [[nodiscard]] nlohmann::json node_stats_json(const Node& n) const;
   std::vector<Node> nodes_;      // top first; empty for a driver that is not an Image
   std::string user_node_name_;   // the active layer's snapshot-node-name, if it had one
 

@@ -9,12 +9,6 @@
 namespace pvhost::block {
 namespace {
 
-uint64_t now_ns() {
-  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                   std::chrono::steady_clock::now().time_since_epoch())
-                                   .count());
-}
-
 void raise_to(std::atomic<uint64_t>& a, uint64_t v) {
   uint64_t cur = a.load(std::memory_order_relaxed);
   while (v > cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
@@ -22,6 +16,12 @@ void raise_to(std::atomic<uint64_t>& a, uint64_t v) {
 }
 
 }  // namespace
+
+uint64_t monotonic_ns() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
 
 void NodeCounters::completed(IoClass c, uint64_t bytes, uint64_t ns, bool ok) {
   Atomic& a = cls_[static_cast<size_t>(c)];
@@ -54,31 +54,31 @@ NodeIoStats NodeCounters::snapshot() const {
 CountingImage::CountingImage(std::unique_ptr<Image> inner) : inner_(std::move(inner)) {}
 
 Result<void> CountingImage::read_at(uint64_t offset, std::span<std::byte> buf) {
-  const uint64_t t0 = now_ns();
+  const uint64_t t0 = monotonic_ns();
   Result<void> r = inner_->read_at(offset, buf);
-  counters_->completed(IoClass::rd, buf.size(), now_ns() - t0, r.has_value());
+  counters_->completed(IoClass::rd, buf.size(), monotonic_ns() - t0, r.has_value());
   return r;
 }
 
 Result<void> CountingImage::write_at(uint64_t offset, std::span<const std::byte> buf) {
-  const uint64_t t0 = now_ns();
+  const uint64_t t0 = monotonic_ns();
   Result<void> r = inner_->write_at(offset, buf);
-  counters_->completed(IoClass::wr, buf.size(), now_ns() - t0, r.has_value());
+  counters_->completed(IoClass::wr, buf.size(), monotonic_ns() - t0, r.has_value());
   if (r) counters_->wrote_up_to(offset + buf.size());
   return r;
 }
 
 Result<void> CountingImage::flush_all() {
-  const uint64_t t0 = now_ns();
+  const uint64_t t0 = monotonic_ns();
   Result<void> r = inner_->flush_all();
-  counters_->completed(IoClass::flush, 0, now_ns() - t0, r.has_value());
+  counters_->completed(IoClass::flush, 0, monotonic_ns() - t0, r.has_value());
   return r;
 }
 
 Result<void> CountingImage::discard_at(uint64_t offset, uint64_t length) {
-  const uint64_t t0 = now_ns();
+  const uint64_t t0 = monotonic_ns();
   Result<void> r = inner_->discard_at(offset, length);
-  counters_->completed(IoClass::unmap, length, now_ns() - t0, r.has_value());
+  counters_->completed(IoClass::unmap, length, monotonic_ns() - t0, r.has_value());
   return r;
 }
 

@@ -9,48 +9,15 @@
 // (qapi/block-core.json); the guest-facing counters stay in backends/block/stats.h.
 #pragma once
 
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
 
 #include "src/block/formats.h"
+#include "src/block/node_counters.h"
 
 namespace pvhost::block {
-
-// QEMU's accounting classes (BlockAcctType): read, write, flush, unmap (= discard).
-enum class IoClass { rd = 0, wr, flush, unmap };
-inline constexpr size_t kIoClasses = 4;
-
-struct NodeIoStats {
-  struct Class {
-    uint64_t operations = 0;
-    uint64_t bytes = 0;
-    uint64_t total_time_ns = 0;
-    uint64_t failed = 0;
-  };
-  std::array<Class, kIoClasses> cls{};
-  uint64_t wr_highest_offset = 0;  // the offset after the greatest byte written
-  [[nodiscard]] const Class& of(IoClass c) const { return cls[static_cast<size_t>(c)]; }
-};
-
-// Updated from whichever thread does the I/O (I/O threads, the commit job's thread) with
-// relaxed atomics: they are counters, nothing is ordered by them. Read on the main thread.
-class NodeCounters {
- public:
-  void completed(IoClass c, uint64_t bytes, uint64_t ns, bool ok);
-  void wrote_up_to(uint64_t end);
-  [[nodiscard]] NodeIoStats snapshot() const;
-
- private:
-  struct Atomic {
-    std::atomic<uint64_t> operations{0}, bytes{0}, total_time_ns{0}, failed{0};
-  };
-  std::array<Atomic, kIoClasses> cls_;
-  std::atomic<uint64_t> wr_highest_{0};
-};
 
 class CountingImage final : public Image {
  public:
@@ -62,6 +29,7 @@ class CountingImage final : public Image {
   Result<void> discard_at(uint64_t offset, uint64_t length) override;
   [[nodiscard]] ImageDetails details() const override { return inner_->details(); }
   [[nodiscard]] const Image* backing() const override { return inner_->backing(); }
+  [[nodiscard]] const ImageFile* file() const override { return inner_->file(); }
   [[nodiscard]] Result<Allocation> allocation(uint64_t offset, uint64_t length) override {
     return inner_->allocation(offset, length);
   }

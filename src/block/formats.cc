@@ -229,6 +229,7 @@ class RawImage final : public Image {
   }
   [[nodiscard]] DriverInfo info() const override { return info_; }
   [[nodiscard]] const std::string& path() const override { return file_.path(); }
+  [[nodiscard]] const ImageFile* file() const override { return &file_; }
   // Aligned reads, and aligned writes inside the file, run without the mutex (in parallel
   // from the queue's workers); others take it, as ImageFile's bounce buffer and
   // read-modify-write need. A bounced write's blocks may also be a concurrent aligned
@@ -263,9 +264,7 @@ class RawImage final : public Image {
     if (info_.read_only) return fail(EROFS, fmt::format("{} is read-only", path()));
     PVHOST_TRY(check_range(offset, length));
     std::lock_guard lock(mu_);
-    if (!file_.block_device() && ::fallocate(file_.fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                             static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)
-      return {};
+    if (file_.punch_hole(offset, length)) return {};
     AlignedBytes zero(static_cast<size_t>(std::min<uint64_t>(length, 1u << 20)));
     while (length > 0) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(length, zero.size()));
@@ -497,10 +496,22 @@ Result<size_t> ImageFile::pwrite_all(uint64_t offset, std::span<const std::byte>
   return done;
 }
 
+namespace {
+// Runs `op` (returning a Result) and counts it on `c` as one operation of class `cls`
+// moving `bytes`.
+template <class Op>
+auto counted(NodeCounters& c, IoClass cls, uint64_t bytes, Op&& op) {
+  const uint64_t t0 = monotonic_ns();
+  auto r = std::forward<Op>(op)();
+  c.completed(cls, bytes, monotonic_ns() - t0, r.has_value());
+  return r;
+}
+}  // namespace
+
 Result<size_t> ImageFile::read_unbounced(uint64_t offset, std::span<std::byte> buf) const {
   if (!aligned(offset, buf.size(), buf.data()))
     return fail(EINVAL, fmt::format("{}: unaligned direct read at {}", path_, offset));
-  return pread_blocks(offset, buf);
+  return counted(*counters_, IoClass::rd, buf.size(), [&] { return pread_blocks(offset, buf); });
 }
 
 Result<void> ImageFile::write_unbounced(uint64_t offset, std::span<const std::byte> buf) const {
@@ -508,11 +519,16 @@ Result<void> ImageFile::write_unbounced(uint64_t offset, std::span<const std::by
     return fail(EINVAL, fmt::format("{}: unaligned direct write at {}", path_, offset));
   // size_ is only written under the image's mutex, by writes that grow the file; the
   // caller checked this range against it there.
-  PVHOST_TRY(pwrite_all(offset, buf));
+  PVHOST_TRY(counted(*counters_, IoClass::wr, buf.size(), [&] { return pwrite_all(offset, buf); }));
+  counters_->wrote_up_to(offset + buf.size());
   return {};
 }
 
 Result<size_t> ImageFile::read_full(uint64_t offset, std::span<std::byte> buf) {
+  return counted(*counters_, IoClass::rd, buf.size(), [&] { return read_full_uncounted(offset, buf); });
+}
+
+Result<size_t> ImageFile::read_full_uncounted(uint64_t offset, std::span<std::byte> buf) {
   size_t done = 0;
   while (done < buf.size()) {
     const std::span<std::byte> rest = buf.subspan(done);
@@ -542,6 +558,12 @@ Result<void> ImageFile::read_exact(uint64_t offset, std::span<std::byte> buf) {
 }
 
 Result<void> ImageFile::write(uint64_t offset, std::span<const std::byte> buf) {
+  PVHOST_TRY(counted(*counters_, IoClass::wr, buf.size(), [&] { return write_uncounted(offset, buf); }));
+  counters_->wrote_up_to(offset + buf.size());
+  return {};
+}
+
+Result<void> ImageFile::write_uncounted(uint64_t offset, std::span<const std::byte> buf) {
   size_t done = 0;
   while (done < buf.size()) {
     const std::span<const std::byte> rest = buf.subspan(done);
@@ -574,8 +596,21 @@ Result<void> ImageFile::extend_to(uint64_t size) {
 }
 
 Result<void> ImageFile::sync() {
-  if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
-  return {};
+  return counted(*counters_, IoClass::flush, 0, [&]() -> Result<void> {
+    if (::fdatasync(fd_.get()) < 0) return fail_errno(fmt::format("fdatasync {}", path_));
+    return {};
+  });
+}
+
+bool ImageFile::punch_hole(uint64_t offset, uint64_t length) {
+  if (block_device_) return false;
+  const uint64_t t0 = monotonic_ns();
+  // Any failure (EOPNOTSUPP: the file system cannot) leaves it to the caller's zeroes.
+  if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                  static_cast<off_t>(length)) < 0)
+    return false;
+  counters_->completed(IoClass::unmap, length, monotonic_ns() - t0, true);
+  return true;
 }
 
 std::string resolve_backing_path(const std::string& image_path, const std::string& backing) {

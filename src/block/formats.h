@@ -27,9 +27,12 @@
 #include <nlohmann/json.hpp>
 
 #include "src/block/block_driver.h"
+#include "src/block/node_counters.h"
 #include "src/fd.h"
 
 namespace pvhost::block {
+
+class ImageFile;
 
 // What image_info_json() reports, per QEMU's ImageInfo (qapi/block-core.json).
 struct ImageDetails {
@@ -57,6 +60,10 @@ class Image : public BlockDriver {
   [[nodiscard]] virtual const Image* backing() const { return nullptr; }
   // The same, for operations on the layer below (allocation(), reads): the chain owns it.
   [[nodiscard]] Image* backing_image() { return const_cast<Image*>(std::as_const(*this).backing()); }
+  // The file this layer's driver reads and writes (QEMU's protocol node under the format
+  // node, query-blockstats "parent"), or null (NBD: the export is the protocol).
+  [[nodiscard]] virtual const ImageFile* file() const { return nullptr; }
+  [[nodiscard]] ImageFile* file_mut() { return const_cast<ImageFile*>(std::as_const(*this).file()); }
 
   // Whether this image decides the bytes at `offset` itself (its own data, or zeroes it
   // recorded) or leaves them to its backing file: the answer for the run of `bytes` > 0
@@ -230,6 +237,22 @@ class ImageFile {
   [[nodiscard]] Result<void> extend_to(uint64_t size);
   // fdatasync(2): every write() before it is durable, with what is needed to read it back.
   [[nodiscard]] Result<void> sync();
+  // Deallocates [offset, offset + length) of a regular file (fallocate(2) PUNCH_HOLE, the
+  // size kept): afterwards it reads as zeroes. False, with nothing done, where the file
+  // is a block device or fallocate(2) refuses (a file system that cannot punch holes):
+  // the caller writes zeroes.
+  [[nodiscard]] bool punch_hole(uint64_t offset, uint64_t length);
+
+  // What went through this file: each read_full()/read_exact(), write(), read_unbounced(),
+  // write_unbounced(), sync() and punch_hole() counts as one operation (a bounced request
+  // as the one request, not its read-modify-write), metadata as much as data. This is the
+  // "parent" node of the format layer in query-blockstats; its wr_highest_offset is how
+  // far the format driver has written into the file (what libvirt reports as a thin
+  // image's allocation on a block device).
+  [[nodiscard]] const std::shared_ptr<NodeCounters>& counters() const { return counters_; }
+  // Makes this file count into `c` (the counters of an earlier opening of it, so they
+  // continue across a snapshot or a reopen). Only while nothing does I/O on the file.
+  void share_counters(std::shared_ptr<NodeCounters> c) { counters_ = std::move(c); }
 
   // The data path of the format drivers, which may run on several threads at once without
   // the image's mutex: transfers that need no bounce buffer, straight pread(2)/pwrite(2).
@@ -254,6 +277,9 @@ class ImageFile {
   // before the end of the file; the bytes read.
   [[nodiscard]] Result<size_t> pread_blocks(uint64_t offset, std::span<std::byte> buf) const;
   [[nodiscard]] Result<size_t> pwrite_all(uint64_t offset, std::span<const std::byte> buf) const;
+  // read_full() and write() without counting them.
+  [[nodiscard]] Result<size_t> read_full_uncounted(uint64_t offset, std::span<std::byte> buf);
+  [[nodiscard]] Result<void> write_uncounted(uint64_t offset, std::span<const std::byte> buf);
   // One bounced step of read_full()/write() at `offset`: the bytes transferred (a read may
   // transfer 0: end of file).
   [[nodiscard]] Result<size_t> read_bounced(uint64_t offset, std::span<std::byte> buf);
@@ -267,6 +293,7 @@ class ImageFile {
   uint32_t align_ = 1;
   uint32_t mem_align_ = 1;
   AlignedBytes bounce_;  // grown on demand up to kMaxBounce (formats.cc) plus one block
+  std::shared_ptr<NodeCounters> counters_ = std::make_shared<NodeCounters>();
 };
 
 }  // namespace pvhost::block

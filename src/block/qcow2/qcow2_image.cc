@@ -202,6 +202,7 @@ class Qcow2Image final : public Image {
   [[nodiscard]] DriverInfo info() const override { return info_; }
   [[nodiscard]] const std::string& path() const override { return path_; }
   [[nodiscard]] const Image* backing() const override { return backing_.get(); }
+  [[nodiscard]] const ImageFile* file() const override { return &file_; }
 
   [[nodiscard]] ImageDetails details() const override {
     ImageDetails d;

@@ -103,6 +103,7 @@ class VhdImage final : public Image {
   [[nodiscard]] DriverInfo info() const override { return info_; }
   [[nodiscard]] const std::string& path() const override { return path_; }
   [[nodiscard]] const Image* backing() const override { return parent_.get(); }
+  [[nodiscard]] const ImageFile* file() const override { return &file_; }
   [[nodiscard]] ImageDetails details() const override {
     ImageDetails d;
     d.format = "vpc";

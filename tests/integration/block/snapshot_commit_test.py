@@ -190,7 +190,20 @@ BLOCK_DEVICE_STATS = {
 
 
 def node_stats(qmp):
-    return {n["node-name"]: n for n in qmp.cmd("query-blockstats", {"query-nodes": True})}
+    """query-nodes: the format nodes by name, after checking that every file-backed format
+    node's "parent" is listed as a node of its own, right after it."""
+    entries = qmp.cmd("query-blockstats", {"query-nodes": True})
+    formats = {}
+    i = 0
+    while i < len(entries):
+        n = entries[i]
+        assert "device" not in n and "backing" not in n, entries
+        formats[n["node-name"]] = n
+        assert "parent" in n, entries  # every layer in these cases is a file
+        assert i + 1 < len(entries) and entries[i + 1]["node-name"] == n["parent"]["node-name"], entries
+        assert "parent" not in entries[i + 1], entries
+        i += 2
+    return formats
 
 
 def case_blockstats_per_node(env):
@@ -203,8 +216,16 @@ def case_blockstats_per_node(env):
     root = qmp.cmd("query-blockstats")
     assert len(root) == 1 and root[0]["node-name"] == "xvda-qcow2" and "backing" not in root[0], root
     assert BLOCK_DEVICE_STATS <= set(root[0]["stats"]), BLOCK_DEVICE_STATS - set(root[0]["stats"])
+    # The file under the format layer: QEMU's protocol node, as "parent", with file-posix's
+    # driver-specific discard counts; opening the image read its header and tables.
+    parent = root[0]["parent"]
+    assert parent["node-name"].startswith("#block") and BLOCK_DEVICE_STATS <= set(parent["stats"]), parent
+    assert parent["driver-specific"] == {"driver": "file", "discard-nb-ok": 0, "discard-nb-failed": 0,
+                                         "discard-bytes-ok": 0}, parent
+    assert parent["stats"]["rd_operations"] > 0, parent
     nodes = qmp.cmd("query-blockstats", {"query-nodes": True})
-    assert [n["node-name"] for n in nodes] == ["xvda-qcow2"] and "device" not in nodes[0], nodes
+    assert [n["node-name"] for n in nodes] == ["xvda-qcow2", parent["node-name"]], nodes
+    assert all("device" not in n for n in nodes) and nodes[0]["parent"]["node-name"] == parent["node-name"], nodes
     # snapshot-node-name: QEMU's checks (block.c bdrv_assign_node_name).
     bad = env.path("bad.qcow2")
     assert "Invalid node-name" in qmp.error("blockdev-snapshot-sync",
@@ -238,6 +259,17 @@ def case_blockstats_per_node(env):
     finish_blkfront(env.blkfront("--rw", "write", "--no-verify", "--qd", "4", "--span", str(4 << 20), "--ops", "32"))
     nodes = node_stats(qmp)
     assert nodes["snap1"]["stats"]["wr_operations"] >= 32 and nodes[name]["stats"]["wr_operations"] == 0, nodes
+    # The overlay's file took whole clusters (the guest's 4 KiB, the rest copied up from the
+    # base): more bytes than the guest wrote, up to the end of the file; the base's file
+    # was not written. (The new clusters' tables wait in the cache for a flush.)
+    snap_file, snap_fmt = nodes["snap1"]["parent"]["stats"], nodes["snap1"]["stats"]
+    assert snap_file["wr_bytes"] > snap_fmt["wr_bytes"], nodes
+    assert 0 < snap_file["wr_highest_offset"] <= os.path.getsize(snap), (snap_file, os.path.getsize(snap))
+    assert nodes[name]["parent"]["stats"]["wr_operations"] == 0, nodes
+    base_file_name = nodes[name]["parent"]["node-name"]
+    root = qmp.cmd("query-blockstats")[0]
+    assert root["parent"]["node-name"] == nodes["snap1"]["parent"]["node-name"], root
+    assert root["backing"]["parent"]["node-name"] == nodes[name]["parent"]["node-name"], root
     base_reads = nodes[name]["stats"]["rd_operations"]
     assert "Cannot find" in qmp.error("block-commit", {"device": "xvda", "base-node": "nosuch"})
     qmp.cmd("block-commit", {"device": "xvda", "base-node": name, "job-id": "c1"})
@@ -251,6 +283,11 @@ def case_blockstats_per_node(env):
     assert list(nodes) == ["xvda-qcow2"], nodes
     st = nodes["xvda-qcow2"]["stats"]
     assert st["rd_operations"] >= base_reads and st["wr_operations"] > 0 and st["wr_highest_offset"] > 0, st
+    # The job wrote through its own read-write handle on the base: its file node counted
+    # that (data, then the tables on the job's flush), under the same name as before.
+    base_file = nodes["xvda-qcow2"]["parent"]
+    assert base_file["node-name"] == base_file_name, (base_file, base_file_name)
+    assert base_file["stats"]["wr_operations"] > 0 and base_file["stats"]["flush_operations"] > 0, base_file
     assert "backing" not in qmp.cmd("query-blockstats")[0]
     # A restarted pvhost names the chain the same way; counters start again, as QEMU's do.
     env.stop_pvhost(qmp)

@@ -3,6 +3,10 @@
 // the backing nodes (issue #7).
 #include "src/block/counting_image.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
+
 #include <catch2/catch.hpp>
 
 #include "src/block/vhd/vhd_image.h"
@@ -112,6 +116,63 @@ TEST_CASE("counting: counters shared with a new handle on the same file continue
   // count_io does not wrap twice.
   Image* raw = again.get();
   CHECK(count_io(std::move(again)).get() == raw);
+}
+
+TEST_CASE("counting: the file under a layer counts what the driver did to it, metadata included",
+          "[counting]") {
+  TempDir d;
+  run_ok("qemu-img create -q -f qcow2 -o cluster_size=65536 " + d.file("a.qcow2") + " 4M");
+  auto img = open_rw("qcow2", d.file("a.qcow2"));
+  const ImageFile* file = img->file();
+  REQUIRE(file != nullptr);
+  CHECK(file == unwrap_counting(img.get())->file());  // the wrapper forwards it
+  const NodeIoStats opened = file->counters()->snapshot();
+  CHECK(opened.of(IoClass::rd).operations >= 1);  // the header and tables
+  CHECK(opened.of(IoClass::wr).operations == 0);
+
+  // One guest write into a fresh image: the data cluster, the L2 table and the refcounts
+  // go to the file, and it grows past the guest offset's cluster.
+  std::vector<std::byte> buf(4096, std::byte{0x11});
+  REQUIRE(img->write_at(kMiB, buf));
+  REQUIRE(img->flush_all());
+  const NodeIoStats f = file->counters()->snapshot();
+  const NodeIoStats g = stats_of(img.get());
+  CHECK(g.of(IoClass::wr).operations == 1);
+  CHECK(f.of(IoClass::wr).operations >= 2);
+  CHECK(f.of(IoClass::wr).bytes > g.of(IoClass::wr).bytes);
+  CHECK(f.of(IoClass::flush).operations >= 1);
+  CHECK(f.of(IoClass::wr).failed == 0);
+  struct stat st {};
+  REQUIRE(::stat(d.file("a.qcow2").c_str(), &st) == 0);
+  CHECK(f.wr_highest_offset > 0);
+  CHECK(f.wr_highest_offset <= static_cast<uint64_t>(st.st_size));
+  // The last cluster allocated is the data's or a table's: the highest write reaches into it.
+  CHECK(f.wr_highest_offset > static_cast<uint64_t>(st.st_size) - 65536);
+
+  // A new handle on the file continues the same counters.
+  auto counters = file->counters();
+  img.reset();
+  auto again = open_rw("qcow2", d.file("a.qcow2"));
+  again->file_mut()->share_counters(counters);
+  REQUIRE(again->read_at(kMiB, buf));
+  CHECK(buf[0] == std::byte{0x11});
+  CHECK(counters->snapshot().of(IoClass::rd).operations > f.of(IoClass::rd).operations);
+}
+
+TEST_CASE("counting: a raw layer's discard punches a hole, counted on the file", "[counting]") {
+  TempDir d;
+  write_file(d.file("a.raw"), pattern(kMiB, 3));
+  auto img = open_rw("raw", d.file("a.raw"));
+  REQUIRE(img->file() != nullptr);
+  REQUIRE(img->discard_at(0, 65536));
+  const NodeIoStats f = img->file()->counters()->snapshot();
+  const NodeIoStats g = stats_of(img.get());
+  CHECK(g.of(IoClass::unmap).operations == 1);
+  // ext4, xfs and tmpfs punch holes; a file system that cannot gets zeroes written instead.
+  CHECK(f.of(IoClass::unmap).operations + f.of(IoClass::wr).operations == 1);
+  std::vector<std::byte> buf(4096, std::byte{0xff});
+  REQUIRE(img->read_at(0, buf));
+  CHECK(std::all_of(buf.begin(), buf.end(), [](std::byte b) { return b == std::byte{0}; }));
 }
 
 TEST_CASE("counting: node names as QEMU forms and checks them", "[counting]") {
