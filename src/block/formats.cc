@@ -589,6 +589,16 @@ Result<void> ImageFile::write_uncounted(uint64_t offset, std::span<const std::by
 Result<void> ImageFile::extend_to(uint64_t size) {
   if (size <= size_) return {};
   if (block_device_) return fail(ENOSPC, fmt::format("{}: {} bytes is past the end of the device", path_, size));
+  // Allocated (unwritten extents), not a hole: ext4 serialises O_DIRECT writes into holes
+  // on the inode lock, and lets writes into allocated blocks run in parallel (a probe of
+  // 64 KiB O_DIRECT writes from 16 threads: 7.2k/s into a sparse file, 21.5k/s into a
+  // fallocated one). Where fallocate(2) fails (a file system without it, no space for
+  // the whole range), the hole ftruncate(2) leaves does as well, only slower; a write
+  // that then finds no space fails on its own.
+  if (::fallocate(fd_.get(), 0, static_cast<off_t>(size_), static_cast<off_t>(size - size_)) == 0) {
+    size_ = size;
+    return {};
+  }
   if (::ftruncate(fd_.get(), static_cast<off_t>(size)) < 0)
     return fail_errno(fmt::format("extending {} to {} bytes", path_, size));
   size_ = size;

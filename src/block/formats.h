@@ -232,8 +232,9 @@ class ImageFile {
   // Writes all of `buf` at `offset`; size() grows to cover it (and the file to exactly
   // that, also when a read-modify-write had to write a whole block past it).
   [[nodiscard]] Result<void> write(uint64_t offset, std::span<const std::byte> buf);
-  // Grows a regular file to `size` bytes (ftruncate: a hole) so unbounced writes may land
-  // there; a block device cannot grow (ENOSPC past its end). Never shrinks.
+  // Grows a regular file to `size` bytes so unbounced writes may land there: allocated
+  // with fallocate(2) (reads as zeroes), a hole where that fails; a block device cannot
+  // grow (ENOSPC past its end). Never shrinks.
   [[nodiscard]] Result<void> extend_to(uint64_t size);
   // fdatasync(2): every write() before it is durable, with what is needed to read it back.
   [[nodiscard]] Result<void> sync();

@@ -374,6 +374,36 @@ TEST_CASE("ImageFile: short files and reads past the end, as the drivers read th
   }
 }
 
+TEST_CASE("ImageFile: extend_to allocates the new range, which reads as zeroes", "[image-file]") {
+  // qcow2 grows its file with extend_to before writing a new cluster there without its
+  // mutex; allocated blocks (not a hole) let ext4 run such O_DIRECT writes in parallel.
+  TempDir d(kDirectIoDir);
+  const std::string path = d.file("grow.bin");
+  const auto head = pattern(4096, 5);
+  write_file(path, head);
+  ImageFile f = must_open_file(path, DirectIo::yes);
+  REQUIRE(f.extend_to(4096 + 2 * kMiB));
+  CHECK(f.size() == 4096 + 2 * kMiB);
+  CHECK(file_size(path) == 4096 + 2 * kMiB);
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  // fallocate(2) allocated it: the blocks cover the whole file (a hole would leave ~4 KiB).
+  CHECK(static_cast<uint64_t>(st.st_blocks) * 512 >= 4096 + 2 * kMiB);
+  AlignedBytes buf(kMiB, std::byte{0xff});
+  REQUIRE(f.read_exact(4096 + kMiB, buf));
+  CHECK(std::all_of(buf.begin(), buf.end(), [](std::byte b) { return b == std::byte{0}; }));
+  // Never shrinks; the old content stays.
+  REQUIRE(f.extend_to(4096));
+  CHECK(file_size(path) == 4096 + 2 * kMiB);
+  REQUIRE(f.read_exact(0, std::span(buf).first(4096)));
+  CHECK(std::memcmp(buf.data(), head.data(), 4096) == 0);
+  // An unbounced write lands inside the grown range without growing the file further.
+  const auto data = pattern(65536, 6);
+  std::copy(data.begin(), data.end(), buf.begin());
+  REQUIRE(f.write_unbounced(4096 + kMiB, std::span<const std::byte>(buf).first(65536)));
+  CHECK(file_size(path) == 4096 + 2 * kMiB);
+}
+
 TEST_CASE(
     "ImageFile: with O_DIRECT a change inside one block is one block-sized pwrite; aligned I/O is "
     "not bounced",
