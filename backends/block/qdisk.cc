@@ -472,20 +472,22 @@ std::vector<std::string> QdiskDevice::node_names() const {
   return out;
 }
 
-nlohmann::json QdiskDevice::node_stats_json(const Node& n) const {
+nlohmann::json QdiskDevice::file_stats_json(const Node& n) {
+  // QEMU's file-posix nodes add their discard counts (BlockStatsSpecificFile).
+  const BlockStatsSnapshot f = node_snapshot(*n.file_counters);
+  const ClassStats& unmap = f.cls[static_cast<size_t>(StatClass::unmap)];
+  return {{"node-name", n.file_name},
+          {"stats", f.qmp_stats()},
+          {"driver-specific",
+           {{"driver", n.block_device ? "host_device" : "file"},
+            {"discard-nb-ok", unmap.operations},
+            {"discard-nb-failed", unmap.failed},
+            {"discard-bytes-ok", unmap.bytes}}}};
+}
+
+nlohmann::json QdiskDevice::node_stats_json(const Node& n) {
   nlohmann::json j = {{"node-name", n.name}, {"stats", node_snapshot(*n.counters).qmp_stats()}};
-  if (n.file_counters) {
-    // QEMU's file-posix nodes add their discard counts (BlockStatsSpecificFile).
-    const BlockStatsSnapshot f = node_snapshot(*n.file_counters);
-    const ClassStats& unmap = f.cls[static_cast<size_t>(StatClass::unmap)];
-    j["parent"] = {{"node-name", n.file_name},
-                   {"stats", f.qmp_stats()},
-                   {"driver-specific",
-                    {{"driver", n.block_device ? "host_device" : "file"},
-                     {"discard-nb-ok", unmap.operations},
-                     {"discard-nb-failed", unmap.failed},
-                     {"discard-bytes-ok", unmap.bytes}}}};
-  }
+  if (n.file_counters) j["parent"] = file_stats_json(n);
   return j;
 }
 
@@ -500,7 +502,7 @@ nlohmann::json QdiskDevice::blockstats_json() const {
       {"qdev", context().backend_path},
       {"stats", stats().qmp_stats()},
   };
-  if (!nodes_.empty() && nodes_.front().file_counters) root["parent"] = node_stats_json(nodes_.front())["parent"];
+  if (!nodes_.empty() && nodes_.front().file_counters) root["parent"] = file_stats_json(nodes_.front());
   nlohmann::json* at = &root;
   for (size_t i = 1; i < nodes_.size(); ++i) {
     (*at)["backing"] = node_stats_json(nodes_[i]);
@@ -520,13 +522,9 @@ nlohmann::json QdiskDevice::blockstats_nodes_json() const {
   }
   for (const Node& n : nodes_) {
     nlohmann::json j = node_stats_json(n);
-    if (j.contains("parent")) {
-      nlohmann::json file = j["parent"];
-      out.push_back(std::move(j));
-      out.push_back(std::move(file));
-    } else {
-      out.push_back(std::move(j));
-    }
+    nlohmann::json file = j.contains("parent") ? j["parent"] : nlohmann::json();
+    out.push_back(std::move(j));
+    if (!file.is_null()) out.push_back(std::move(file));
   }
   return out;
 }

@@ -134,7 +134,9 @@ class QdiskDevice final : public XenDevice {
     bool block_device = false;  // the file is a block device (QEMU's "host_device" driver)
   };
   // A node's query-blockstats entry: node-name, stats, the file's as "parent".
-  [[nodiscard]] nlohmann::json node_stats_json(const Node& n) const;
+  [[nodiscard]] static nlohmann::json node_stats_json(const Node& n);
+  // The "parent" of a node whose layer is a file (file_counters set).
+  [[nodiscard]] static nlohmann::json file_stats_json(const Node& n);
   std::vector<Node> nodes_;      // top first; empty for a driver that is not an Image
   std::string user_node_name_;   // the active layer's snapshot-node-name, if it had one
 

@@ -54,32 +54,21 @@ NodeIoStats NodeCounters::snapshot() const {
 CountingImage::CountingImage(std::unique_ptr<Image> inner) : inner_(std::move(inner)) {}
 
 Result<void> CountingImage::read_at(uint64_t offset, std::span<std::byte> buf) {
-  const uint64_t t0 = monotonic_ns();
-  Result<void> r = inner_->read_at(offset, buf);
-  counters_->completed(IoClass::rd, buf.size(), monotonic_ns() - t0, r.has_value());
-  return r;
+  return counted(*counters_, IoClass::rd, buf.size(), [&] { return inner_->read_at(offset, buf); });
 }
 
 Result<void> CountingImage::write_at(uint64_t offset, std::span<const std::byte> buf) {
-  const uint64_t t0 = monotonic_ns();
-  Result<void> r = inner_->write_at(offset, buf);
-  counters_->completed(IoClass::wr, buf.size(), monotonic_ns() - t0, r.has_value());
-  if (r) counters_->wrote_up_to(offset + buf.size());
-  return r;
+  PVHOST_TRY(counted(*counters_, IoClass::wr, buf.size(), [&] { return inner_->write_at(offset, buf); }));
+  counters_->wrote_up_to(offset + buf.size());
+  return {};
 }
 
 Result<void> CountingImage::flush_all() {
-  const uint64_t t0 = monotonic_ns();
-  Result<void> r = inner_->flush_all();
-  counters_->completed(IoClass::flush, 0, monotonic_ns() - t0, r.has_value());
-  return r;
+  return counted(*counters_, IoClass::flush, 0, [&] { return inner_->flush_all(); });
 }
 
 Result<void> CountingImage::discard_at(uint64_t offset, uint64_t length) {
-  const uint64_t t0 = monotonic_ns();
-  Result<void> r = inner_->discard_at(offset, length);
-  counters_->completed(IoClass::unmap, length, monotonic_ns() - t0, r.has_value());
-  return r;
+  return counted(*counters_, IoClass::unmap, length, [&] { return inner_->discard_at(offset, length); });
 }
 
 std::unique_ptr<Image> count_io(std::unique_ptr<Image> inner) {

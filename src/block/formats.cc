@@ -496,18 +496,6 @@ Result<size_t> ImageFile::pwrite_all(uint64_t offset, std::span<const std::byte>
   return done;
 }
 
-namespace {
-// Runs `op` (returning a Result) and counts it on `c` as one operation of class `cls`
-// moving `bytes`.
-template <class Op>
-auto counted(NodeCounters& c, IoClass cls, uint64_t bytes, Op&& op) {
-  const uint64_t t0 = monotonic_ns();
-  auto r = std::forward<Op>(op)();
-  c.completed(cls, bytes, monotonic_ns() - t0, r.has_value());
-  return r;
-}
-}  // namespace
-
 Result<size_t> ImageFile::read_unbounced(uint64_t offset, std::span<std::byte> buf) const {
   if (!aligned(offset, buf.size(), buf.data()))
     return fail(EINVAL, fmt::format("{}: unaligned direct read at {}", path_, offset));

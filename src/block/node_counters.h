@@ -47,4 +47,14 @@ class NodeCounters {
 // Nanoseconds on the monotonic clock, for the counters' total_time_ns.
 [[nodiscard]] uint64_t monotonic_ns();
 
+// Runs `op` (returning a Result) and counts it on `c` as one operation of class `cls`
+// moving `bytes`, timed, failed if the Result is an error.
+template <class Op>
+auto counted(NodeCounters& c, IoClass cls, uint64_t bytes, Op&& op) {
+  const uint64_t t0 = monotonic_ns();
+  auto r = static_cast<Op&&>(op)();
+  c.completed(cls, bytes, monotonic_ns() - t0, r.has_value());
+  return r;
+}
+
 }  // namespace pvhost::block
